@@ -1,0 +1,306 @@
+"""The one settings object: defaults < TOML file < environment < command-line flags.
+
+Built once in `main()` and passed down by constructors; nothing reads settings at import time.
+Environment names start with `LORAWARM_` and fall back to vLLM's own names where they exist
+(`VLLM_LORA_RESOLVER_CACHE_DIR`, `VLLM_API_KEY`) and to systemd's `STATE_DIRECTORY`.
+A bad value raises `ConfigError`, which `main()` turns into exit code 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from lorawarm.inspection import Rules
+from lorawarm.names import BadName, check_name
+
+EX_CONFIG = 78
+
+
+class ConfigError(ValueError):
+    """A setting has a value lorawarm cannot work with; the message names the setting."""
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY (a colon-separated list; ours is the first).
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "lorawarm"
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Everything lorawarm can be told. Field descriptions feed the README's reference table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAWARM_",
+        extra="forbid",
+        validate_by_name=True,
+        validate_by_alias=True,
+        validate_default=True,
+    )
+
+    cache_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("LORAWARM_CACHE_DIR", "VLLM_LORA_RESOLVER_CACHE_DIR"),
+        description="The drop directory of adapter folders (vLLM's resolver cache dir). "
+        "Falls back to VLLM_LORA_RESOLVER_CACHE_DIR.",
+    )
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Where immutable adapter snapshots live; vLLM loads from here. Falls back "
+        "to systemd's STATE_DIRECTORY, then $XDG_STATE_HOME/lorawarm.",
+    )
+    vllm_urls: CommaList = Field(
+        default=["http://127.0.0.1:8000"],
+        description="Base URLs of the vLLM servers to warm (comma-separated).",
+    )
+    vllm_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("LORAWARM_VLLM_API_KEY", "VLLM_API_KEY"),
+        description="API key of the vLLM servers (their --api-key). Falls back to VLLM_API_KEY.",
+    )
+    max_lora_rank: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Largest LoRA rank accepted (vLLM's --max-lora-rank).",
+    )
+    base_model: str | None = Field(
+        default=None,
+        description="The base model adapters must be trained for (vLLM's --model); unset: "
+        "not checked.",
+    )
+    base_model_aliases: CommaList = Field(
+        default=[],
+        description="Other names of the same base model accepted in base_model_name_or_path "
+        "(comma-separated).",
+    )
+    served_model_names: CommaList = Field(
+        default=[],
+        description="vLLM's --served-model-name values: no adapter may take one of these names "
+        "(comma-separated).",
+    )
+    settle_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="Quiet period after the last change before an in-place copied folder is "
+        "taken; folders published by rename are taken at once.",
+    )
+    resync_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="Full rescan of the drop directory and of every server's adapters.",
+    )
+    warm_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many adapters to keep loaded per server (pinned first, then newest); "
+        "unset: all valid adapters.",
+    )
+    pinned: CommaList = Field(
+        default=[],
+        description="Adapters always kept loaded, first in the warm set (comma-separated).",
+    )
+    polling: bool = Field(
+        default=False,
+        description="Use the polling observer instead of inotify (network filesystems).",
+    )
+    poll_seconds: float = Field(
+        default=1.0, gt=0, le=3600, description="Interval of the polling observer."
+    )
+    request_timeout: float = Field(
+        default=60.0, gt=0, le=3600, description="Timeout of one request to vLLM, in seconds."
+    )
+    health_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="How often each vLLM server's /health is probed (a restart is re-warmed).",
+    )
+    max_backoff_seconds: float = Field(
+        default=60.0, gt=0, le=3600, description="Cap of the retry backoff after a failure."
+    )
+    status_host: str = Field(default="127.0.0.1", description="Address the status API binds.")
+    status_port: int = Field(
+        default=8765, ge=0, le=65535, description="Port of the status API (0: pick a free one)."
+    )
+    status_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the status API requires (all routes but /healthz).",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="auto: JSON lines when stdout is not a terminal (journald), console otherwise.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator(
+        "vllm_urls", "base_model_aliases", "served_model_names", "pinned", mode="before"
+    )
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("warm_limit", "cache_dir", "base_model", "vllm_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("vllm_urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        if not urls:
+            raise ValueError("at least one vLLM URL is needed")
+        checked = []
+        for url in urls:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("http", "https") or not rest.strip("/"):
+                raise ValueError(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8000")
+            checked.append(url.rstrip("/"))
+        if len(set(checked)) != len(checked):
+            raise ValueError("the same vLLM URL is listed twice")
+        return checked
+
+    @field_validator("pinned")
+    @classmethod
+    def _check_pinned(cls, names: list[str]) -> list[str]:
+        for name in names:
+            try:
+                check_name(name)
+            except BadName as bad:
+                raise ValueError(bad.message) from None
+        return names
+
+    @model_validator(mode="after")
+    def _check_dirs(self) -> Settings:
+        if self.cache_dir is not None and self.state_dir is not None:
+            cache, state = self.cache_dir.resolve(), self.state_dir.resolve()
+            if cache == state or state.is_relative_to(cache):
+                raise ValueError(
+                    "state_dir must not be the cache dir or inside it (snapshots would be "
+                    "picked up as adapters)"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI flags arrive as init kwargs and win; the TOML file is merged in by `load()`.
+        return (init_settings, env_settings)
+
+    def rules(self) -> Rules:
+        """The inspection rules these settings imply."""
+        return Rules(
+            max_lora_rank=self.max_lora_rank,
+            base_model=self.base_model,
+            base_model_aliases=tuple(self.base_model_aliases),
+            served_model_names=tuple(self.served_model_names),
+        )
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return f"LORAWARM_{field.upper()}"
+
+
+def load(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: defaults, then the TOML file, then the environment, then `overrides`.
+
+    `config_file` defaults to `LORAWARM_CONFIG`. Raises `ConfigError` with one line naming the
+    setting and what is wrong.
+    """
+    if config_file is None and os.environ.get("LORAWARM_CONFIG"):
+        config_file = Path(os.environ["LORAWARM_CONFIG"])
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            file_values = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"config file {config_file}: {err.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {config_file}: not valid TOML ({err})") from None
+        unknown = sorted(set(file_values) - set(Settings.model_fields))
+        if unknown:
+            raise ConfigError(f"config file {config_file}: unknown setting {unknown[0]!r}")
+    env_set = {
+        f for f in Settings.model_fields if _env_given(f)
+    }  # the environment beats the file: drop file values the environment sets
+    init = {k: v for k, v in file_values.items() if k not in env_set}
+    init.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**init)
+    except ValidationError as err:
+        raise ConfigError(
+            _describe(err, {k for k, v in overrides.items() if v is not None})
+        ) from None
+
+
+def _env_given(field: str) -> bool:
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    names = (
+        [n for n in alias.choices if isinstance(n, str)]
+        if isinstance(alias, AliasChoices)
+        else [env_name(field)]
+    )
+    return any(n in os.environ for n in names)
+
+
+def _describe(err: ValidationError, from_cli: set[str]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    field = loc[0] if loc else ""
+    if field in Settings.model_fields:
+        where = f"--{field.replace('_', '-')}" if field in from_cli else env_name(field)
+        what = f"{where} ({field})"
+    else:
+        what = "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = (
+        "" if "key" in field or "token" in field or isinstance(given, dict) else f" (got {given!r})"
+    )
+    return f"{what}: {message}{shown}"

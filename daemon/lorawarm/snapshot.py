@@ -1,0 +1,241 @@
+"""Immutable, content-addressed copies of adapters: the only files vLLM ever reads.
+
+`<state>/snapshots/<name>/<digest>/` holds the adapter's `adapter_config.json` and its weights
+file, read-only. A snapshot is built in `<state>/snapshots/.staging/`, checked again (the copy
+itself is inspected, so what vLLM reads is what was validated), and published with one
+`rename`: two writers (the daemon and the plugin) building the same content at the same moment
+both end up with the same complete directory, and nobody ever sees a half-written one.
+
+Because vLLM reads only from here, a user deleting or rewriting a folder in the drop directory
+cannot break a running vLLM (vllm#5105), and a changed adapter gets a new path.
+
+This module is shared with the vLLM plugin: standard library and `lorawarm.inspection` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorawarm.inspection import FileStat, Invalid, Rules, Valid, inspect_adapter
+
+DIGEST_CHARS = 32
+STAGING = ".staging"
+_DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
+_CHUNK = 1 << 20
+
+
+class SnapshotError(OSError):
+    """A snapshot could not be made (disk full, read-only state dir, source changed...).
+
+    `reason` is a stable code for the status API: `source_changed`, `snapshot_invalid`,
+    `snapshot_failed`.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A published snapshot: `path` is what vLLM is given (absolute)."""
+
+    name: str
+    digest: str
+    path: Path
+
+
+class SnapshotStore:
+    """Creates, finds and collects snapshots under `<state_dir>/snapshots`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(os.path.abspath(state_dir)) / "snapshots"
+
+    def path_for(self, name: str, digest: str) -> Path:
+        return self.root / name / digest
+
+    def owns(self, path: str | Path) -> bool:
+        """True when `path` is one of our snapshot directories (as vLLM's /v1/models shows it)."""
+        return self.parse(path) is not None
+
+    def parse(self, path: str | Path) -> tuple[str, str] | None:
+        """(name, digest) of a snapshot path, or None when the path is not ours."""
+        try:
+            rel = Path(os.path.normpath(path)).relative_to(self.root)
+        except ValueError:
+            return None
+        parts = rel.parts
+        if len(parts) not in (2, 3) or parts[0] == STAGING or not _DIGEST.fullmatch(parts[-1]):
+            return None
+        return "/".join(parts[:-1]), parts[-1]
+
+    def create(self, adapter: Valid, rules: Rules) -> Snapshot:
+        """Publish a snapshot of `adapter` (or find the identical one) and return it.
+
+        Raises `SnapshotError` when the source changed under us, when the copy does not pass
+        inspection, or when the state dir cannot be written; nothing half-written is left.
+        """
+        digest = _digest(adapter.path, adapter.files)
+        final = self.path_for(adapter.name, digest)
+        if _complete(final):
+            return Snapshot(adapter.name, digest, final)
+        staging = self.root / STAGING
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix="snap-", dir=staging))
+        except OSError as err:
+            raise SnapshotError("snapshot_failed", f"cannot write the state dir: {err}") from err
+        try:
+            copied = _copy(adapter.path, adapter.files, tmp)
+            if copied != digest:
+                raise SnapshotError(
+                    "source_changed", "the adapter changed while it was being copied"
+                )
+            check = inspect_adapter(tmp, root=staging, rules=rules, name=adapter.name)
+            if isinstance(check, Invalid):
+                raise SnapshotError(
+                    "snapshot_invalid", f"the copy did not pass inspection: {check.message}"
+                )
+            for f in adapter.files:
+                (tmp / f.name).chmod(0o444)
+            tmp.chmod(0o755)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.rename(final)
+            except OSError as err:
+                # Someone (the plugin, or another daemon) published the same content first.
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _complete(final):
+                    raise
+        except SnapshotError:
+            _remove(tmp)
+            raise
+        except OSError as err:
+            _remove(tmp)
+            raise SnapshotError("snapshot_failed", f"cannot write the snapshot: {err}") from err
+        _remove(tmp)
+        return Snapshot(adapter.name, digest, final)
+
+    def existing(self) -> Iterator[Snapshot]:
+        """Every published snapshot on disk."""
+        if not self.root.is_dir():
+            return
+        for first in _subdirs(self.root):
+            if first.name == STAGING:
+                continue
+            for second in _subdirs(first):
+                if _DIGEST.fullmatch(second.name):
+                    yield Snapshot(first.name, second.name, second)
+                    continue
+                for third in _subdirs(second):
+                    if _DIGEST.fullmatch(third.name):
+                        yield Snapshot(f"{first.name}/{second.name}", third.name, third)
+
+    def collect(self, keep: Iterable[Path], *, staging_age: float = 3600.0) -> list[Path]:
+        """Remove snapshots not in `keep` (and stale staging dirs); return what was removed."""
+        kept = {Path(os.path.normpath(p)) for p in keep}
+        removed = []
+        for snap in list(self.existing()):
+            if snap.path not in kept:
+                _remove(snap.path)
+                removed.append(snap.path)
+                with contextlib.suppress(OSError):
+                    snap.path.parent.rmdir()  # only succeeds once the name has no snapshot left
+                    if snap.path.parent.parent != self.root:
+                        snap.path.parent.parent.rmdir()
+        staging = self.root / STAGING
+        now = time.time()
+        for leftover in _subdirs(staging):
+            with contextlib.suppress(OSError):
+                if now - leftover.stat().st_mtime > staging_age:
+                    _remove(leftover)
+                    removed.append(leftover)
+        return removed
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as it:
+            return [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _complete(path: Path) -> bool:
+    # Published by rename, so a directory that exists is complete.
+    return path.is_dir()
+
+
+def _open_source(folder: Path, f: FileStat) -> int:
+    fd = os.open(folder / f.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ino) != (
+        f.size,
+        f.mtime_ns,
+        f.inode,
+    ):
+        os.close(fd)
+        raise SnapshotError("source_changed", f"{f.name} changed since it was inspected")
+    return fd
+
+
+def _digest(folder: Path, files: tuple[FileStat, ...]) -> str:
+    """Content digest of the files vLLM reads (names and bytes, in a fixed order)."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda x: x.name):
+        try:
+            fd = _open_source(folder, f)
+        except OSError as err:
+            if isinstance(err, SnapshotError):
+                raise
+            raise SnapshotError("source_changed", f"cannot read {f.name}: {err.strerror}") from err
+        try:
+            h.update(f"{f.name}\0{f.size}\0".encode())
+            while chunk := os.read(fd, _CHUNK):
+                h.update(chunk)
+        finally:
+            os.close(fd)
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def _copy(folder: Path, files: tuple[FileStat, ...], dest: Path) -> str:
+    """Copy the files into `dest` (fsynced), returning the digest of what was written."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda x: x.name):
+        fd = _open_source(folder, f)
+        try:
+            out = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                h.update(f"{f.name}\0{f.size}\0".encode())
+                while chunk := os.read(fd, _CHUNK):
+                    h.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view) :]
+                os.fsync(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def _remove(path: Path) -> None:
+    # Files are read-only but their directory is not, so removal needs no chmod.
+    shutil.rmtree(path, ignore_errors=True)
