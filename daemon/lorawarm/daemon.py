@@ -1,0 +1,386 @@
+"""The daemon: wires watcher -> settle -> inspect -> catalog -> snapshot -> reconcilers -> status.
+
+Everything runs on one asyncio loop. The watchdog thread only hands hints to the loop; blocking
+work (inspection, snapshot copies) runs in `asyncio.to_thread`. Signals only set flags:
+SIGTERM/SIGINT stop (a second SIGINT exits at once), SIGHUP rescans the drop directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import uvicorn
+
+from lorawarm.catalog import AdapterRecord, Catalog
+from lorawarm.inspection import Invalid, inspect_adapter
+from lorawarm.logs import configure, get_logger
+from lorawarm.metrics import Metrics
+from lorawarm.reconcile import ServerReconciler, ServerStatus
+from lorawarm.settings import EX_CONFIG, Settings
+from lorawarm.settle import Settler, fingerprint
+from lorawarm.snapshot import SnapshotError, SnapshotStore
+from lorawarm.status import create_app
+from lorawarm.vllm_client import VllmClient
+from lorawarm.watcher import Hint, Watcher, discover, resolve_hint
+
+log = get_logger(__name__)
+
+SHUTDOWN_DEADLINE = 10.0
+# A snapshot younger than this is never collected: the plugin may have just made it and be
+# about to hand it to vLLM.
+SNAPSHOT_GRACE = 300.0
+
+
+class _StatusServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Daemon:
+    """One lorawarm process: owns the catalog, the watcher, the reconcilers and the status API."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        if settings.cache_dir is None:
+            raise ValueError("cache_dir is required to run the daemon")
+        self.settings = settings
+        self.root = Path(os.path.abspath(settings.cache_dir))
+        self.rules = settings.rules()
+        self.store = SnapshotStore(settings.state_dir)
+        self.catalog = Catalog(pinned=settings.pinned, warm_limit=settings.warm_limit)
+        self.metrics = metrics or Metrics()
+        self.settler = Settler(settings.settle_seconds)
+        key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+        self.reconcilers = [
+            ServerReconciler(
+                VllmClient(url, api_key=key, timeout=settings.request_timeout),
+                self.catalog,
+                self.store,
+                self.metrics,
+                resync_seconds=settings.resync_seconds,
+                health_seconds=settings.health_seconds,
+                max_backoff=settings.max_backoff_seconds,
+                on_change=self._server_changed,
+            )
+            for url in settings.vllm_urls
+        ]
+        self._ready = False
+        self._queue: asyncio.Queue[Hint] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._gc_due = False
+        self._interrupts = 0
+        self.status_port: int | None = None
+
+    # -- StatusSource -----------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def server_urls(self) -> list[str]:
+        return [r.url for r in self.reconcilers]
+
+    def server_statuses(self) -> Sequence[ServerStatus]:
+        return [r.status for r in self.reconcilers]
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_sigint(self) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:
+            log.warning("second_interrupt_exiting_now")
+            os._exit(130)
+        self.request_stop()
+
+    async def run(self) -> int:
+        """Run until asked to stop; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig, handler in (
+            (signal.SIGTERM, self.request_stop),
+            (signal.SIGINT, self._on_sigint),
+            (signal.SIGHUP, self.rescan_soon),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+
+        server, server_task = self._start_status_server()
+        watcher = Watcher(
+            self.root,
+            loop,
+            self._queue,
+            polling=self.settings.polling,
+            poll_seconds=self.settings.poll_seconds,
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            watcher.start()
+            started = time.monotonic()
+            await self.rescan()
+            self._ready = True
+            log.info(
+                "ready",
+                adapters=len(self.catalog),
+                seconds=round(time.monotonic() - started, 3),
+                status=f"http://{self.settings.status_host}:{self.status_port}",
+            )
+            tasks = [
+                asyncio.create_task(r.run(), name=f"reconcile {r.url}") for r in self.reconcilers
+            ]
+            tasks.append(asyncio.create_task(self._consume(), name="hints"))
+            tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+            for r in self.reconcilers:
+                r.wake()
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("task_crashed", task=task.get_name(), error=repr(task.exception()))
+            stop.cancel()
+        finally:
+            log.info("stopping")
+            watcher.stop()
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=SHUTDOWN_DEADLINE)
+            for r in self.reconcilers:
+                await r.client.aclose()
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server_task, timeout=5)
+            for timer in self._timers.values():
+                timer.cancel()
+        log.info("stopped")
+        return 0
+
+    def _start_status_server(self) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+        host, port = self.settings.status_host, self.settings.status_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self.status_port = sock.getsockname()[1]
+        token = self.settings.status_token
+        app = create_app(self, token=token.get_secret_value() if token else None)
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        server = _StatusServer(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="status")
+        return server, task
+
+    # -- the drop directory -----------------------------------------------------------------
+    def rescan_soon(self) -> None:
+        self._queue.put_nowait(Hint(()))
+
+    async def rescan(self) -> None:
+        """Re-read the whole drop directory (level-triggered: catches any lost event)."""
+        found = await asyncio.to_thread(discover, self.root)
+        for name in sorted(self.catalog.names() - set(found)):
+            await self.refresh(name)
+        for name in sorted(found):
+            await self.refresh(name)
+        self._gc_due = True
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            self.rescan_soon()
+
+    async def _consume(self) -> None:
+        while True:
+            hints = [await self._queue.get()]
+            while not self._queue.empty():
+                hints.append(self._queue.get_nowait())
+            try:
+                await self._apply(hints)
+            except Exception:  # one bad hint must not stop the daemon: log it, go on
+                log.exception("hint_failed")
+            if self._gc_due:
+                self._collect()
+
+    async def _apply(self, hints: list[Hint]) -> None:
+        if any(not h.parts for h in hints):
+            await self.rescan()
+            return
+        published: dict[str, bool] = {}
+        for hint in hints:
+            names = await asyncio.to_thread(resolve_hint, self.root, hint)
+            if names is None:
+                await self.rescan()
+                return
+            if not (self.root / hint.parts[0]).exists():
+                prefix = hint.parts[0] + "/"
+                names += [n for n in self.catalog.names() if n.startswith(prefix)]
+            for name in names:
+                published[name] = published.get(name, False) or hint.published
+        for name, was_published in published.items():
+            await self.refresh(name, published=was_published)
+
+    async def refresh(self, name: str, *, published: bool = False) -> None:
+        """Bring one adapter's record up to date with its folder."""
+        folder = self.root / name
+        fp = await asyncio.to_thread(fingerprint, folder)
+        record = self.catalog.get(name)
+        if fp is None:
+            self.settler.forget(name)
+            if record is not None:
+                self.catalog.remove(name)
+                log.info("adapter_removed", adapter=name)
+                self._catalog_changed()
+            return
+        if record is None:
+            record = AdapterRecord(name=name, source_path=folder)
+            self.catalog.add(record)
+        elif record.fingerprint == fp and not record.settling:
+            return
+        if not record.settling:
+            record.settling = True
+            record.changed_at = time.time()
+            record.changed_mono = time.monotonic()
+        if not self.settler.observe(
+            name, fp, now=time.monotonic(), wall=time.time(), published=published
+        ):
+            self._recheck_at(name, self.settler.due(name))
+            return
+        await self._inspect(record, fp)
+
+    def _recheck_at(self, name: str, due: float | None) -> None:
+        if due is None:
+            return
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(due - time.monotonic(), 0) + 0.05
+        parts = tuple(name.split("/"))
+        self._timers[name] = loop.call_later(delay, self._queue.put_nowait, Hint(parts))
+
+    async def _inspect(self, record: AdapterRecord, fp: object) -> None:
+        name = record.name
+        result = await asyncio.to_thread(
+            inspect_adapter, record.source_path, root=self.root, rules=self.rules, name=name
+        )
+        record.settling = False
+        record.validated_at = time.time()
+        if isinstance(result, Invalid):
+            self.metrics.inspections.labels("invalid").inc()
+            record.fingerprint = fp
+            record.reason, record.message = str(result.reason), result.message
+            record.snapshot = None
+            log.warning(
+                "adapter_invalid", adapter=name, reason=record.reason, message=result.message
+            )
+            self._catalog_changed()
+            return
+        self.metrics.inspections.labels("valid").inc()
+        try:
+            snap = await asyncio.to_thread(self.store.create, result, self.rules)
+        except SnapshotError as err:
+            if err.reason == "source_changed":
+                record.settling = True  # it is still being written: settle again
+                self._recheck_at(name, time.monotonic() + self.settings.settle_seconds)
+                return
+            record.validated_at = None
+            record.reason, record.message = err.reason, err.message
+            record.snapshot = None
+            log.error("snapshot_failed", adapter=name, reason=err.reason, message=err.message)
+            self._catalog_changed()
+            return  # fingerprint not recorded: the next rescan tries again
+        record.fingerprint = fp
+        record.reason = record.message = None
+        previous = record.snapshot
+        record.snapshot = snap
+        record.newest_mtime = result.newest_mtime_ns / 1e9
+        if previous is None or previous.path != snap.path:
+            log.info(
+                "adapter_valid",
+                adapter=name,
+                digest=snap.digest,
+                rank=result.rank,
+                snapshot=str(snap.path),
+                replaces=str(previous.path) if previous else None,
+            )
+            self._catalog_changed()
+
+    def _catalog_changed(self) -> None:
+        self._gc_due = True
+        for r in self.reconcilers:
+            r.wake()
+
+    def _server_changed(self) -> None:
+        self._gc_due = True
+
+    def _collect(self) -> None:
+        """Remove snapshots no adapter points to and no server may be reading."""
+        self._gc_due = False
+        if not all(r.listed for r in self.reconcilers):
+            return  # a server we never listed may still read an old snapshot
+        keep = set(self.catalog.snapshot_paths())
+        for r in self.reconcilers:
+            keep.update(Path(p) for p in r.actual.values())
+        now = time.time()
+        for snap in self.store.existing():
+            with contextlib.suppress(OSError):
+                if now - snap.path.stat().st_ctime < SNAPSHOT_GRACE:
+                    keep.add(snap.path)
+        try:
+            removed = self.store.collect(keep)
+        except OSError as err:
+            log.warning("snapshot_collect_failed", error=str(err))
+            return
+        for path in removed:
+            log.info("snapshot_removed", path=str(path))
+
+
+def run_daemon(settings: Settings) -> int:
+    """`lorawarm run`: configure logging, check the directories, run until stopped."""
+    configure(settings.log_format, settings.log_level)
+    if settings.cache_dir is None:
+        print(
+            "lorawarm: configuration error: LORAWARM_CACHE_DIR (cache_dir): required "
+            "(or VLLM_LORA_RESOLVER_CACHE_DIR)",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    if not settings.cache_dir.is_dir():
+        print(
+            f"lorawarm: configuration error: LORAWARM_CACHE_DIR (cache_dir): "
+            f"{settings.cache_dir} is not a directory",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    try:
+        (settings.state_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(
+            f"lorawarm: configuration error: LORAWARM_STATE_DIR (state_dir): cannot create "
+            f"{settings.state_dir}: {err.strerror}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    daemon = Daemon(settings)
+    try:
+        return asyncio.run(daemon.run())
+    except OSError as err:
+        if err.errno in (98, 99):  # EADDRINUSE, EADDRNOTAVAIL: the status API cannot bind
+            print(
+                f"lorawarm: configuration error: LORAWARM_STATUS_PORT (status_port): cannot bind "
+                f"{settings.status_host}:{settings.status_port}: {err.strerror}",
+                file=sys.stderr,
+            )
+            return EX_CONFIG
+        raise

@@ -1,0 +1,231 @@
+"""The read-only status API: what happened to every adapter on every server, and why.
+
+Routes: `GET /healthz` (the daemon's loop answers), `GET /readyz` (the first scan is done),
+`GET /v1/adapters`, `GET /v1/adapters/{name}`, `GET /v1/servers`, `GET /metrics`
+(Prometheus). With a token configured every route but `/healthz` needs
+`Authorization: Bearer <token>`. Loopback by default. The response models below are the
+documented JSON (and the OpenAPI schema at `/openapi.json`).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from lorawarm import __version__
+from lorawarm.catalog import AdapterRecord, AdapterState, Catalog
+from lorawarm.metrics import Metrics
+from lorawarm.reconcile import ServerStatus
+
+
+class ServerView(BaseModel):
+    url: str = Field(description="The vLLM server's base URL.")
+    state: str = Field(description="pending, loaded, failed or cold on this server.")
+    attempts: int = Field(description="Load attempts lorawarm made for this snapshot.")
+    condition: str | None = Field(
+        description="Why it is not loaded: unreachable, unauthorized, runtime_updates_disabled, "
+        "engine_dead, rejected, name_taken, ..."
+    )
+    last_error: str | None = Field(description="The last error, vLLM's message where it gave one.")
+    loaded_at: str | None = Field(description="When it was loaded on this server (UTC).")
+
+
+class AdapterView(BaseModel):
+    name: str
+    state: AdapterState
+    reason: str | None = Field(description="Stable code when invalid or failed.")
+    message: str | None = Field(description="What is wrong, for a person.")
+    digest: str | None = Field(description="Content digest of the snapshot vLLM loads.")
+    source_path: str = Field(description="The folder in the drop directory.")
+    snapshot_path: str | None = Field(description="The immutable copy vLLM is given.")
+    first_seen: str
+    changed_at: str
+    validated_at: str | None
+    servers: list[ServerView]
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterView]
+    counts: dict[str, int] = Field(description="Number of adapters in each state.")
+
+
+class ServerInfo(BaseModel):
+    url: str
+    condition: str = Field(description="ok, or why the server cannot be worked with.")
+    message: str | None
+    healthy: bool = Field(description="Its /health answered 200 at the last probe.")
+    since: str = Field(description="When the condition began (UTC).")
+    last_sync: str | None = Field(description="End of the last successful reconcile (UTC).")
+    loaded: int = Field(description="Adapters of ours it lists in /v1/models.")
+    loads: int
+    unloads: int
+    failures: int
+
+
+class ServerList(BaseModel):
+    servers: list[ServerInfo]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class StatusSource(Protocol):
+    """What the status API reads; the daemon provides it."""
+
+    catalog: Catalog
+    metrics: Metrics
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def server_urls(self) -> list[str]: ...
+
+    def server_statuses(self) -> Sequence[ServerStatus]: ...
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def adapter_view(record: AdapterRecord, urls: list[str]) -> AdapterView:
+    snap = record.snapshot
+    return AdapterView(
+        name=record.name,
+        state=record.state(urls),
+        reason=record.reason,
+        message=record.message,
+        digest=snap.digest if snap else None,
+        source_path=str(record.source_path),
+        snapshot_path=str(snap.path) if snap else None,
+        first_seen=_iso(record.first_seen) or "",
+        changed_at=_iso(record.changed_at) or "",
+        validated_at=_iso(record.validated_at),
+        servers=[
+            ServerView(
+                url=url,
+                state=(entry := record.server(url)).state,
+                attempts=entry.attempts,
+                condition=entry.condition,
+                last_error=entry.last_error,
+                loaded_at=_iso(entry.loaded_at),
+            )
+            for url in urls
+        ]
+        if snap is not None
+        else [],
+    )
+
+
+def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
+    """The status API over `source`."""
+    app = FastAPI(
+        title="lorawarm status",
+        version=__version__,
+        description="What lorawarm did with every LoRA adapter, per vLLM server, and why.",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    auth: list[Any] = [Depends(authorize)]
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness: the daemon's event loop answers."""
+        return Health(status="ok", version=__version__)
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        dependencies=auth,
+        responses={503: {"model": Health, "description": "The first scan is not done yet."}},
+    )
+    async def readyz() -> Response:
+        """Readiness: the first scan of the drop directory is done."""
+        if source.ready:
+            return JSONResponse(Health(status="ready", version=__version__).model_dump())
+        return JSONResponse(
+            Health(status="starting", version=__version__).model_dump(), status_code=503
+        )
+
+    @app.get("/v1/adapters", response_model=AdapterList, dependencies=auth)
+    async def adapters() -> AdapterList:
+        """Every adapter folder lorawarm knows of."""
+        urls = source.server_urls
+        views = [adapter_view(r, urls) for r in source.catalog]
+        counts: dict[str, int] = {str(s): 0 for s in AdapterState}
+        for view in views:
+            counts[view.state] += 1
+        return AdapterList(adapters=views, counts=counts)
+
+    @app.get(
+        "/v1/adapters/{name:path}",
+        response_model=AdapterView,
+        dependencies=auth,
+        responses={404: {"description": "No adapter of that name."}},
+    )
+    async def adapter(name: str) -> AdapterView:
+        """One adapter; `name` may be `org/name`."""
+        record = source.catalog.get(name)
+        if record is None:
+            raise HTTPException(status_code=404, detail=f"no adapter named {name[:200]!r}")
+        return adapter_view(record, source.server_urls)
+
+    @app.get("/v1/servers", response_model=ServerList, dependencies=auth)
+    async def servers() -> ServerList:
+        """Every configured vLLM server and its condition."""
+        return ServerList(
+            servers=[
+                ServerInfo(
+                    url=s.url,
+                    condition=s.condition,
+                    message=s.message,
+                    healthy=s.healthy,
+                    since=_iso(s.since) or "",
+                    last_sync=_iso(s.last_sync),
+                    loaded=s.loaded,
+                    loads=s.loads,
+                    unloads=s.unloads,
+                    failures=s.failures,
+                )
+                for s in source.server_statuses()
+            ]
+        )
+
+    @app.get(
+        "/metrics",
+        dependencies=auth,
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        urls = source.server_urls
+        counts = {str(s): 0 for s in AdapterState}
+        for record in source.catalog:
+            counts[record.state(urls)] += 1
+        for state, n in counts.items():
+            source.metrics.adapters.labels(state).set(n)
+        return Response(generate_latest(source.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
