@@ -37,12 +37,15 @@ MAX_ENTRIES = 256
 MAX_SAFETENSORS_HEADER = 64 << 20
 # PEFT modules vLLM accepts in modules_to_save (vllm/lora/peft_helper.py).
 ALLOWED_MODULES_TO_SAVE = frozenset({"classifier", "score"})
+# String values of init_lora_weights that only set the initial weights (vllm/lora/peft_helper.py
+# `_init_is_supported`); PiSSA, OLoRA, CorDA, LoftQ... change the base model and are refused.
+SUPPORTED_STRING_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }  # fmt: skip
 
 
@@ -70,6 +73,10 @@ class Reason(StrEnum):
     DORA_NOT_SUPPORTED = "dora_not_supported"
     LORA_BIAS_NOT_SUPPORTED = "lora_bias_not_supported"
     QALORA_NOT_SUPPORTED = "qalora_not_supported"
+    ALORA_NOT_SUPPORTED = "alora_not_supported"
+    LAYER_REPLICATION_NOT_SUPPORTED = "layer_replication_not_supported"
+    BDLORA_NOT_SUPPORTED = "bdlora_not_supported"
+    INIT_NOT_SUPPORTED = "init_not_supported"
     MODULES_TO_SAVE_NOT_SUPPORTED = "modules_to_save_not_supported"
     BASE_MODEL_MISMATCH = "base_model_mismatch"
     MISSING_WEIGHTS = "missing_weights"
@@ -196,16 +203,30 @@ def inspect_adapter(
 def _inspect(
     folder: Path, root: Path, rules: Rules, name: str, allowed_roots: Iterable[Path]
 ) -> tuple[tuple[FileStat, ...], dict[str, Any], str, int]:
+    # vLLM serves `--model` under its own name unless --served-model-name is given.
+    served = rules.served_model_names or ((rules.base_model,) if rules.base_model else ())
     try:
-        check_name(name, rules.served_model_names)
+        check_name(name, served)
     except BadName as bad:
         raise _Reject(Reason(bad.reason), bad.message) from None
 
     roots = [os.path.realpath(r) for r in (root, *allowed_roots)]
     real_folder = os.path.realpath(folder)
-    if not _inside(real_folder, roots[:1]):
-        reason = Reason.SYMLINK_ESCAPE if folder.is_symlink() else Reason.OUTSIDE_ROOT
-        raise _Reject(reason, f"folder {folder} resolves outside the adapter directory {root}")
+    # Strictly below the drop directory (the drop directory itself is no adapter), or anywhere
+    # in an explicitly allowed root.
+    if not (_inside(real_folder, roots[:1]) and real_folder != roots[0]) and not _inside(
+        real_folder, roots[1:]
+    ):
+        lexically_inside = _inside(os.path.abspath(folder), [os.path.abspath(root)])
+        if lexically_inside:  # a symlink (the folder itself, or `org/`) leads out
+            raise _Reject(
+                Reason.SYMLINK_ESCAPE,
+                f"folder {folder} is or passes through a symlink that leads outside the adapter "
+                f"directory {root}; copy the adapter in instead",
+            )
+        raise _Reject(
+            Reason.OUTSIDE_ROOT, f"folder {folder} is not inside the adapter directory {root}"
+        )
     try:
         st = os.stat(real_folder)
     except FileNotFoundError:
@@ -276,9 +297,14 @@ def _stat_entry(entry: os.DirEntry[str], roots: list[str]) -> FileStat | None:
             raise _Reject(Reason.NOT_REGULAR_FILE, f"{entry.name} is a dangling symlink") from None
         return None  # vanished while we looked: the next look sees the folder as it is then
     except OSError as err:
-        raise _Reject(Reason.UNREADABLE, f"cannot stat {entry.name}: {err.strerror}") from None
+        raise _Reject(
+            Reason.UNREADABLE,
+            f"cannot stat {entry.name}: {err.strerror} (a symlink loop, or permissions)",
+        ) from None
     if stat.S_ISDIR(st.st_mode):
-        return None
+        if entry.name == CONFIG_FILE:
+            raise _Reject(Reason.NOT_REGULAR_FILE, f"{CONFIG_FILE} is a directory, not a JSON file")
+        return None  # vLLM never reads subfolders, and checks weights with os.path.isfile
     if not stat.S_ISREG(st.st_mode):
         raise _Reject(
             Reason.NOT_REGULAR_FILE,
@@ -293,7 +319,11 @@ def _open_regular(path: Path) -> Iterator[int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
-        raise _Reject(Reason.UNREADABLE, f"cannot open {path.name}: {err.strerror}") from None
+        raise _Reject(
+            Reason.UNREADABLE,
+            f"cannot open {path.name}: {err.strerror}; the files must be readable by the "
+            "lorawarm and vLLM users",
+        ) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _Reject(Reason.NOT_REGULAR_FILE, f"{path.name} is not a regular file")
@@ -409,7 +439,7 @@ def _check_config(config: dict[str, Any], rules: Rules) -> int:
             "smaller r)",
         )
     bias = config.get("bias", "none")
-    if bias not in (None, "none"):
+    if bias != "none":  # vLLM compares exactly: a null bias is refused too
         raise _Reject(
             Reason.BIAS_NOT_SUPPORTED,
             f"bias is {ascii(bias)[:40]}; vLLM serves only adapters trained with bias='none'",
@@ -420,10 +450,33 @@ def _check_config(config: dict[str, Any], rules: Rules) -> int:
         raise _Reject(Reason.LORA_BIAS_NOT_SUPPORTED, "lora_bias adapters are not served by vLLM")
     if config.get("use_qalora"):
         raise _Reject(Reason.QALORA_NOT_SUPPORTED, "QALoRA adapters are not served by vLLM")
+    if config.get("alora_invocation_tokens"):
+        raise _Reject(
+            Reason.ALORA_NOT_SUPPORTED, "Activated LoRA (alora_invocation_tokens) is not served"
+        )
+    if config.get("layer_replication"):
+        raise _Reject(
+            Reason.LAYER_REPLICATION_NOT_SUPPORTED, "layer_replication adapters are not served"
+        )
+    if config.get("use_bdlora"):
+        raise _Reject(
+            Reason.BDLORA_NOT_SUPPORTED, "block-diagonal LoRA (use_bdlora) is not served by vLLM"
+        )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in SUPPORTED_STRING_INITS:
+        raise _Reject(
+            Reason.INIT_NOT_SUPPORTED,
+            f"init_lora_weights is {ascii(init)[:40]}, which changes the base model's weights; "
+            "convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion",
+        )
     saved = config.get("modules_to_save")
     if saved:
         names = [saved] if isinstance(saved, str) else saved
-        if not isinstance(names, list) or not set(names) <= ALLOWED_MODULES_TO_SAVE:
+        if not (
+            isinstance(names, list)
+            and all(isinstance(n, str) for n in names)
+            and set(names) <= ALLOWED_MODULES_TO_SAVE
+        ):
             raise _Reject(
                 Reason.MODULES_TO_SAVE_NOT_SUPPORTED,
                 f"modules_to_save is {ascii(saved)[:80]}; vLLM accepts only "
@@ -464,7 +517,10 @@ def read_safetensors_header(fd: int, size: int) -> dict[str, Any]:
     """
     if size < 8:
         raise _Reject(Reason.WEIGHTS_TRUNCATED, "the safetensors file is shorter than its header")
-    (header_len,) = struct.unpack("<Q", _read_exactly(fd, 8))
+    prefix = _read_exactly(fd, 8)
+    if len(prefix) < 8:  # shrank since it was measured: being rewritten right now
+        raise _Reject(Reason.WEIGHTS_TRUNCATED, "the safetensors file shrank while being read")
+    (header_len,) = struct.unpack("<Q", prefix)
     if header_len > MAX_SAFETENSORS_HEADER:
         raise _Reject(
             Reason.WEIGHTS_HEADER_INVALID,
@@ -477,6 +533,8 @@ def read_safetensors_header(fd: int, size: int) -> dict[str, Any]:
             f"the safetensors header claims {header_len} bytes but the file has {size}",
         )
     raw = _read_exactly(fd, header_len)
+    if len(raw) < header_len:
+        raise _Reject(Reason.WEIGHTS_TRUNCATED, "the safetensors file shrank while being read")
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError):
@@ -486,6 +544,11 @@ def read_safetensors_header(fd: int, size: int) -> dict[str, Any]:
     spans: list[tuple[int, int]] = []
     for tname, info in header.items():
         if tname == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise _Reject(
+                    Reason.WEIGHTS_HEADER_INVALID,
+                    "the safetensors __metadata__ must map names to strings",
+                )
             continue
         spans.append(_tensor_span(tname, info))
     spans.sort()
@@ -517,17 +580,19 @@ def _tensor_span(tname: str, info: object) -> tuple[int, int]:
     if not isinstance(info, dict):
         raise _Reject(Reason.WEIGHTS_HEADER_INVALID, f"tensor {shown} has no description")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(dtype, str) and dtype in _DTYPE_BYTES):
+        raise _Reject(
+            Reason.WEIGHTS_HEADER_INVALID, f"tensor {shown} has unknown dtype {ascii(dtype)[:20]}"
+        )
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise _Reject(Reason.WEIGHTS_HEADER_INVALID, f"tensor {shown} has a malformed shape")
     if not (
-        isinstance(dtype, str)
-        and dtype in _DTYPE_BYTES
-        and isinstance(shape, list)
-        and all(_is_int(d) and d >= 0 for d in shape)
-        and isinstance(offsets, list)
+        isinstance(offsets, list)
         and len(offsets) == 2
         and all(_is_int(o) and o >= 0 for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise _Reject(Reason.WEIGHTS_HEADER_INVALID, f"tensor {shown} is described wrongly")
+        raise _Reject(Reason.WEIGHTS_HEADER_INVALID, f"tensor {shown} has malformed data_offsets")
     if math.prod(shape) * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
         raise _Reject(
             Reason.WEIGHTS_HEADER_INVALID,

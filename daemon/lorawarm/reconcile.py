@@ -223,8 +223,8 @@ class ServerReconciler:
             Condition.ENGINE_DEAD,
         )
         for record in self.catalog:
-            if record.valid and self.url in record.servers:
-                entry = record.servers[self.url]
+            if record.valid:
+                entry = record.server(self.url)
                 if entry.state in (ServerState.LOADED, ServerState.PENDING):
                     entry.state = ServerState.PENDING
                     entry.condition = err.condition

@@ -178,10 +178,20 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("warm_limit", "cache_dir", "base_model", "vllm_api_key", mode="before")
+    @field_validator(
+        "warm_limit", "cache_dir", "base_model", "vllm_api_key", "status_token", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
+        # `KEY=` in an env file means "not set", never "the empty string" (an empty token
+        # would otherwise be a token every client knows).
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # An empty path would be the current directory.
+        return _default_state_dir() if isinstance(value, str) and not value.strip() else value
 
     @field_validator("vllm_urls")
     @classmethod
@@ -265,20 +275,23 @@ def load(config_file: Path | None = None, **overrides: Any) -> Settings:
         unknown = sorted(set(file_values) - set(Settings.model_fields))
         if unknown:
             raise ConfigError(f"config file {config_file}: unknown setting {unknown[0]!r}")
-    env_set = {
-        f for f in Settings.model_fields if _env_given(f)
-    }  # the environment beats the file: drop file values the environment sets
-    init = {k: v for k, v in file_values.items() if k not in env_set}
-    init.update({k: v for k, v in overrides.items() if v is not None})
+    # The environment beats the file: drop file values the environment sets.
+    from_env = {f: n for f in Settings.model_fields if (n := _env_given(f)) is not None}
+    init = {k: v for k, v in file_values.items() if k not in from_env}
+    from_cli = {k: v for k, v in overrides.items() if v is not None}
+    init.update(from_cli)
     try:
         return Settings(**init)
     except ValidationError as err:
-        raise ConfigError(
-            _describe(err, {k for k, v in overrides.items() if v is not None})
-        ) from None
+        where: dict[str, str] = {f: f"config file {config_file}: {f}" for f in init}
+        where.update({f: f"{n} ({f})" for f, n in from_env.items() if f not in from_cli})
+        where.update({f: f"--{f.replace('_', '-')} ({f})" for f in from_cli})
+        raise ConfigError(_describe(err, where)) from None
 
 
-def _env_given(field: str) -> bool:
+def _env_given(field: str) -> str | None:
+    """The environment variable that sets `field`, if one does (as pydantic-settings reads them:
+    the first of the alias choices, names compared without case)."""
     info = Settings.model_fields[field]
     alias = info.validation_alias
     names = (
@@ -286,16 +299,16 @@ def _env_given(field: str) -> bool:
         if isinstance(alias, AliasChoices)
         else [env_name(field)]
     )
-    return any(n in os.environ for n in names)
+    present = {k.upper(): k for k in os.environ}
+    return next((present[n.upper()] for n in names if n.upper() in present), None)
 
 
-def _describe(err: ValidationError, from_cli: set[str]) -> str:
+def _describe(err: ValidationError, where: dict[str, str]) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     field = loc[0] if loc else ""
     if field in Settings.model_fields:
-        where = f"--{field.replace('_', '-')}" if field in from_cli else env_name(field)
-        what = f"{where} ({field})"
+        what = where.get(field, f"{env_name(field)} ({field})")
     else:
         what = "settings"
     message = first["msg"].removeprefix("Value error, ")

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorawarm.inspection import FileStat, Invalid, Rules, Valid, inspect_adapter
+from lorawarm.inspection import CONFIG_FILE, FileStat, Invalid, Rules, Valid, inspect_adapter
 
 DIGEST_CHARS = 32
 STAGING = ".staging"
@@ -135,7 +135,9 @@ class SnapshotStore:
             if first.name == STAGING:
                 continue
             for second in _subdirs(first):
-                if _DIGEST.fullmatch(second.name):
+                # `org/<32 hex chars>` is a valid adapter name too: a snapshot is told apart
+                # from a name folder by what it holds.
+                if _DIGEST.fullmatch(second.name) and (second / CONFIG_FILE).is_file():
                     yield Snapshot(first.name, second.name, second)
                     continue
                 for third in _subdirs(second):
@@ -178,7 +180,10 @@ def _complete(path: Path) -> bool:
 
 
 def _open_source(folder: Path, f: FileStat) -> int:
-    fd = os.open(folder / f.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(folder / f.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:  # deleted or replaced since it was inspected
+        raise SnapshotError("source_changed", f"cannot read {f.name}: {err.strerror}") from err
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ino) != (
         f.size,
@@ -194,12 +199,7 @@ def _digest(folder: Path, files: tuple[FileStat, ...]) -> str:
     """Content digest of the files vLLM reads (names and bytes, in a fixed order)."""
     h = hashlib.sha256()
     for f in sorted(files, key=lambda x: x.name):
-        try:
-            fd = _open_source(folder, f)
-        except OSError as err:
-            if isinstance(err, SnapshotError):
-                raise
-            raise SnapshotError("source_changed", f"cannot read {f.name}: {err.strerror}") from err
+        fd = _open_source(folder, f)
         try:
             h.update(f"{f.name}\0{f.size}\0".encode())
             while chunk := os.read(fd, _CHUNK):
