@@ -186,13 +186,13 @@ class Daemon:
     def rescan_soon(self) -> None:
         self._queue.put_nowait(Hint(()))
 
-    async def rescan(self) -> None:
+    async def rescan(self, published: frozenset[str] = frozenset()) -> None:
         """Re-read the whole drop directory (level-triggered: catches any lost event)."""
         found = await asyncio.to_thread(discover, self.root)
         for name in sorted(self.catalog.names() - set(found)):
             await self.refresh(name)
         for name in sorted(found):
-            await self.refresh(name)
+            await self.refresh(name, published=name in published)
         self._gc_due = True
 
     async def _resync_loop(self) -> None:
@@ -213,20 +213,21 @@ class Daemon:
                 self._collect()
 
     async def _apply(self, hints: list[Hint]) -> None:
-        if any(not h.parts for h in hints):
-            await self.rescan()
-            return
         published: dict[str, bool] = {}
+        full = False
         for hint in hints:
             names = await asyncio.to_thread(resolve_hint, self.root, hint)
             if names is None:
-                await self.rescan()
-                return
+                full = True
+                continue
             if not (self.root / hint.parts[0]).exists():
                 prefix = hint.parts[0] + "/"
                 names += [n for n in self.catalog.names() if n.startswith(prefix)]
             for name in names:
                 published[name] = published.get(name, False) or hint.published
+        if full:
+            await self.rescan(frozenset(n for n, p in published.items() if p))
+            return
         for name, was_published in published.items():
             await self.refresh(name, published=was_published)
 

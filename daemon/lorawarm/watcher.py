@@ -76,6 +76,8 @@ class _Handler(FileSystemEventHandler):
         if event.event_type in ("opened", "closed_no_write"):
             return
         src = os.fsdecode(event.src_path)
+        if event.is_directory and event.event_type == "modified" and Path(src) == self._root:
+            return  # every create/delete at the top level also "modifies" the root: noise
         hint = hint_for(self._root, src)
         if hint is not None:
             yield hint
