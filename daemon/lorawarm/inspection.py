@@ -217,6 +217,11 @@ def _inspect(
     if not (_inside(real_folder, roots[:1]) and real_folder != roots[0]) and not _inside(
         real_folder, roots[1:]
     ):
+        if real_folder == roots[0]:
+            raise _Reject(
+                Reason.SYMLINK_ESCAPE,
+                f"folder {folder} resolves to the adapter directory itself, not to an adapter",
+            )
         lexically_inside = _inside(os.path.abspath(folder), [os.path.abspath(root)])
         if lexically_inside:  # a symlink (the folder itself, or `org/`) leads out
             raise _Reject(
@@ -485,7 +490,13 @@ def _check_config(config: dict[str, Any], rules: Rules) -> int:
     accepted = rules.accepted_base_models
     if accepted:
         base = config.get("base_model_name_or_path")
-        if not isinstance(base, str) or _norm_model(base) not in accepted:
+        if not isinstance(base, str):
+            raise _Reject(
+                Reason.BASE_MODEL_MISMATCH,
+                f"{CONFIG_FILE} names no base model (base_model_name_or_path); it must be one "
+                f"of {', '.join(sorted(accepted))}",
+            )
+        if _norm_model(base) not in accepted:
             raise _Reject(
                 Reason.BASE_MODEL_MISMATCH,
                 f"adapter was trained for base model {ascii(base)[:120]}, not for "
@@ -611,14 +622,20 @@ def _check_safetensors(path: Path, size: int, config: dict[str, Any]) -> None:
         if tname == "__metadata__":
             continue
         shape = info["shape"]
+        # PEFT stores lora_A as [r, in] and lora_B as [out, r] (embeddings likewise).
         if ".lora_A." in tname or ".lora_embedding_A" in tname:
-            got = shape[0] if shape else None
+            rank_axis = 0
         elif ".lora_B." in tname or ".lora_embedding_B" in tname:
-            got = shape[-1] if shape else None
+            rank_axis = 1
         else:
             continue
         lora += 1
-        if len(shape) != 2 or got not in allowed:
+        if len(shape) != 2:
+            raise _Reject(
+                Reason.WEIGHTS_RANK_MISMATCH,
+                f"tensor {ascii(tname)[:80]} has shape {shape}; a LoRA matrix is 2-D",
+            )
+        if shape[rank_axis] not in allowed:
             raise _Reject(
                 Reason.WEIGHTS_RANK_MISMATCH,
                 f"tensor {ascii(tname)[:80]} has shape {shape}, which does not fit rank "

@@ -40,7 +40,18 @@ def check_name(name: str, served_models: Iterable[str] = ()) -> str:
             "name_too_long",
             f"the adapter name is {len(name)} characters long; at most {MAX_NAME_LENGTH} allowed",
         )
+    if name.startswith("/"):
+        raise BadName(
+            "invalid_name",
+            f"adapter name {shown} is an absolute path; a name is a folder inside the adapter "
+            "directory: 'name' or 'org/name'",
+        )
     parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise BadName(
+            "invalid_name",
+            f"adapter name {shown} has an empty, '.' or '..' part; use 'name' or 'org/name'",
+        )
     if len(parts) > 2:
         raise BadName(
             "invalid_name",

@@ -317,3 +317,35 @@ def _describe(err: ValidationError, where: dict[str, str]) -> str:
         "" if "key" in field or "token" in field or isinstance(given, dict) else f" (got {given!r})"
     )
     return f"{what}: {message}{shown}"
+
+
+def reference_markdown() -> str:
+    """The configuration reference table of the README, generated from the model itself."""
+    rows = [
+        "| setting (TOML key) | environment | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        envs = (
+            [n for n in alias.choices if isinstance(n, str)]
+            if isinstance(alias, AliasChoices)
+            else [env_name(name)]
+        )
+        if name == "state_dir":
+            envs.append("STATE_DIRECTORY")
+        if info.default_factory is not None:
+            default = "see meaning"
+        elif info.default is None:
+            default = "unset"
+        elif isinstance(info.default, list):
+            default = ",".join(info.default) or "empty"
+        else:
+            default = str(info.default)
+        env_text = " or ".join(f"`{e}`" for e in envs)
+        rows.append(f"| `{name}` | {env_text} | `{default}` | {info.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m lorawarm.settings` prints the table
+    print(reference_markdown())
