@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit demo clean
+.PHONY: test lint typecheck unit demo clean systemd-analyze
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# The unit tests run `systemd-analyze verify` on the units; install systemd where it is missing.
+systemd-analyze:
+	command -v systemd-analyze >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd)
+
+test: lint typecheck systemd-analyze
 	$(BIN)/pytest --cov --cov-branch --cov-report=term
+
+# A real vLLM CPU server with the plugin, `lorawarm run`, two adapters; Ctrl-C cleans up.
+demo: $(STAMP)
+	$(BIN)/python -m tests.support.demo
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e" tests/unit

@@ -23,6 +23,7 @@ from lorawarm.catalog import AdapterRecord, Catalog
 from lorawarm.inspection import Invalid, inspect_adapter
 from lorawarm.logs import configure, get_logger
 from lorawarm.metrics import Metrics
+from lorawarm.notify import Notifier
 from lorawarm.reconcile import ServerReconciler, ServerStatus
 from lorawarm.settings import EX_CONFIG, Settings
 from lorawarm.settle import Settler, fingerprint
@@ -50,7 +51,13 @@ class _StatusServer(uvicorn.Server):
 class Daemon:
     """One lorawarm process: owns the catalog, the watcher, the reconcilers and the status API."""
 
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         if settings.cache_dir is None:
             raise ValueError("cache_dir is required to run the daemon")
         self.settings = settings
@@ -60,6 +67,7 @@ class Daemon:
         self.catalog = Catalog(pinned=settings.pinned, warm_limit=settings.warm_limit)
         self.metrics = metrics or Metrics()
         self.settler = Settler(settings.settle_seconds)
+        self.notifier = notifier or Notifier()
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         self.reconcilers = [
             ServerReconciler(
@@ -141,6 +149,8 @@ class Daemon:
             ]
             tasks.append(asyncio.create_task(self._consume(), name="hints"))
             tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+            tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+            self.notifier.ready(self.summary())
             for r in self.reconcilers:
                 r.wake()
             stop = asyncio.create_task(self._stop.wait())
@@ -151,6 +161,7 @@ class Daemon:
             stop.cancel()
         finally:
             log.info("stopping")
+            self.notifier.stopping()
             watcher.stop()
             for task in tasks:
                 task.cancel()
@@ -165,6 +176,32 @@ class Daemon:
                 timer.cancel()
         log.info("stopped")
         return 0
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: adapters by state, servers that are ok."""
+        urls = self.server_urls
+        counts: dict[str, int] = {}
+        for record in self.catalog:
+            state = record.state(urls)
+            counts[state] = counts.get(state, 0) + 1
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+        ok = sum(1 for r in self.reconcilers if r.status.condition == "ok")
+        return f"adapters: {parts}; servers ok: {ok}/{len(self.reconcilers)}"
+
+    async def _heartbeat(self) -> None:
+        """WATCHDOG=1 from the event loop itself (a wedged loop stops the pings and systemd
+        restarts us), and STATUS= whenever the summary changes."""
+        every = self.notifier.watchdog_seconds
+        interval = min(every / 2, 5.0) if every else 5.0
+        last = ""
+        while True:
+            if every:
+                self.notifier.watchdog()
+            line = self.summary()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await asyncio.sleep(interval)
 
     def _start_status_server(self) -> tuple[uvicorn.Server, asyncio.Task[None]]:
         host, port = self.settings.status_host, self.settings.status_port

@@ -110,7 +110,9 @@ class SnapshotStore:
                 )
             for f in adapter.files:
                 (tmp / f.name).chmod(0o444)
-            tmp.chmod(0o755)
+            # Inherit the snapshot root's group bits (a shared group lets the plugin, running
+            # as vLLM's user, and the daemon create and collect each other's snapshots).
+            tmp.chmod(0o755 | (self.root.stat().st_mode & 0o070))
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 tmp.rename(final)
