@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,10 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._gc_due = False
         self._interrupts = 0
+        self._watcher: Watcher | None = None
+        self._root_id: tuple[int, int] | None = None
+        self.drop_dir_ok = True
+        self._drop_dir_probe: asyncio.Task[None] | None = None
         self.status_port: int | None = None
 
     # -- StatusSource -----------------------------------------------------------------------
@@ -125,16 +130,8 @@ class Daemon:
                 loop.add_signal_handler(sig, handler)
 
         server, server_task = self._start_status_server()
-        watcher = Watcher(
-            self.root,
-            loop,
-            self._queue,
-            polling=self.settings.polling,
-            poll_seconds=self.settings.poll_seconds,
-        )
         tasks: list[asyncio.Task[None]] = []
         try:
-            watcher.start()
             started = time.monotonic()
             await self.rescan()
             self._ready = True
@@ -162,7 +159,8 @@ class Daemon:
         finally:
             log.info("stopping")
             self.notifier.stopping()
-            watcher.stop()
+            if self._watcher is not None:
+                self._watcher.stop()
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -172,6 +170,8 @@ class Daemon:
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server_task, timeout=5)
+            if self._drop_dir_probe is not None:
+                self._drop_dir_probe.cancel()
             for timer in self._timers.values():
                 timer.cancel()
         log.info("stopped")
@@ -223,8 +223,50 @@ class Daemon:
     def rescan_soon(self) -> None:
         self._queue.put_nowait(Hint(()))
 
+    def _watch_drop_dir(self) -> bool:
+        """(Re)start the observer when the drop directory is new, replaced or the observer died.
+
+        Returns False while the drop directory is missing. A missing drop directory (deleted,
+        an unmounted network filesystem) is not taken to mean "every adapter was deleted":
+        the catalog and the servers are left as they are until it is back.
+        """
+        try:
+            st = self.root.stat()
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            if self.drop_dir_ok:
+                log.error("drop_dir_missing", path=str(self.root))
+                self.drop_dir_ok = False
+                self._drop_dir_probe = asyncio.get_running_loop().create_task(
+                    self._await_drop_dir(), name="drop dir probe"
+                )
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
+            return False
+        if not self.drop_dir_ok:
+            log.info("drop_dir_back", path=str(self.root))
+            self.drop_dir_ok = True
+        root_id = (st.st_dev, st.st_ino)
+        if self._watcher is None or not self._watcher.alive or root_id != self._root_id:
+            if self._watcher is not None:
+                self._watcher.stop()
+            self._watcher = Watcher(
+                self.root,
+                asyncio.get_running_loop(),
+                self._queue,
+                polling=self.settings.polling,
+                poll_seconds=self.settings.poll_seconds,
+            )
+            self._watcher.start()
+            self._root_id = root_id
+        return True
+
     async def rescan(self, published: frozenset[str] = frozenset()) -> None:
         """Re-read the whole drop directory (level-triggered: catches any lost event)."""
+        if not self._watch_drop_dir():
+            return
         found = await asyncio.to_thread(discover, self.root)
         for name in sorted(self.catalog.names() - set(found)):
             await self.refresh(name)
@@ -236,6 +278,15 @@ class Daemon:
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
             self.rescan_soon()
+
+    async def _await_drop_dir(self) -> None:
+        """While the drop directory is missing, look for it every second."""
+        # Polling on purpose: nothing can notify us of a directory that does not exist yet.
+        while True:
+            if await asyncio.to_thread(self.root.is_dir):
+                self.rescan_soon()
+                return
+            await asyncio.sleep(1.0)
 
     async def _consume(self) -> None:
         while True:
@@ -273,6 +324,9 @@ class Daemon:
         folder = self.root / name
         fp = await asyncio.to_thread(fingerprint, folder)
         record = self.catalog.get(name)
+        if fp is None and not self.root.is_dir():
+            self.rescan_soon()  # the drop directory itself is gone: see _watch_drop_dir
+            return
         if fp is None:
             self.settler.forget(name)
             if record is not None:

@@ -76,6 +76,9 @@ class ServerList(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+    drop_dir: str = Field(
+        default="ok", description="ok, or missing while the drop directory cannot be found."
+    )
 
 
 class StatusSource(Protocol):
@@ -83,6 +86,7 @@ class StatusSource(Protocol):
 
     catalog: Catalog
     metrics: Metrics
+    drop_dir_ok: bool
 
     @property
     def ready(self) -> bool: ...
@@ -152,7 +156,9 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
         """Liveness: the daemon's event loop answers."""
-        return Health(status="ok", version=__version__)
+        return Health(
+            status="ok", version=__version__, drop_dir="ok" if source.drop_dir_ok else "missing"
+        )
 
     @app.get(
         "/readyz",
