@@ -1,0 +1,136 @@
+"""`make demo`: a real vLLM CPU server with the lorawarm plugin, the real `lorawarm run`, and two
+adapters dropped in (one valid, one broken); shows the status table and a completion through
+the warmed adapter, then keeps both running until Ctrl-C.
+
+`--check` runs the same steps, asserts what they show and exits (the test suite runs it, so the
+demo cannot rot). Everything lives in `.demo/` (or `--workdir`); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.support.daemon_proc import LorawarmProcess, lora_models
+from tests.support.models import make_adapter, make_tiny_model
+from tests.support.vllm_server import VllmServer, completion
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def run_demo(workdir: Path, *, check: bool) -> int:
+    workdir = workdir.resolve()
+    drop, state, sources = workdir / "drop", workdir / "state", workdir / "sources"
+    for folder in (drop, state):
+        shutil.rmtree(folder, ignore_errors=True)
+    drop.mkdir(parents=True)
+
+    _say("making a tiny random Llama and two real PEFT adapters (no download)")
+    model = make_tiny_model(workdir / "model")
+    good_src = sources / "good"
+    broken_src = sources / "broken"
+    if not (good_src / "adapter_config.json").exists():
+        make_adapter(model, good_src, r=8, seed=1)
+    if not (broken_src / "adapter_config.json").exists():
+        make_adapter(model, broken_src, r=32, seed=2)  # above the server's --max-lora-rank 16
+
+    plugin_env = {
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(drop),
+        "LORAWARM_CACHE_DIR": str(drop),
+        "LORAWARM_STATE_DIR": str(state),
+        "LORAWARM_MAX_LORA_RANK": "16",
+    }
+    server = VllmServer(model, plugins=["lorawarm"], env=plugin_env, log_path=workdir / "vllm.log")
+    _say(f"starting vLLM (CPU) with the lorawarm plugin at {server.url}; log: {server.log_path}")
+    server.start()
+    daemon: LorawarmProcess | None = None
+    try:
+        seconds = server.wait_healthy()
+        print(f"vLLM healthy after {seconds:.0f} s")
+        daemon = LorawarmProcess(
+            drop,
+            state,
+            [server.url],
+            env={"LORAWARM_LOG_LEVEL": "info", "LORAWARM_MAX_LORA_RANK": "16"},
+            log_path=workdir / "lorawarm.log",
+        )
+        _say(f"starting `lorawarm run`; status API at {daemon.status_url}")
+        daemon.start()
+        daemon.wait_ready()
+
+        _say("publishing demo-good (cp to .demo-good.tmp, then mv) and demo-broken (rank 32)")
+        shutil.copytree(good_src, drop / ".demo-good.tmp")
+        (drop / ".demo-good.tmp").rename(drop / "demo-good")
+        shutil.copytree(broken_src, drop / ".demo-broken.tmp")
+        (drop / ".demo-broken.tmp").rename(drop / "demo-broken")
+        good = daemon.wait_state("demo-good", "loaded")
+        broken = daemon.wait_state("demo-broken", "invalid")
+
+        _say("lorawarm status")
+        table = subprocess.run(
+            [sys.executable, "-m", "lorawarm.cli", "status", "--url", daemon.status_url],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        print(table.stdout, end="")
+
+        _say("a completion through the pre-warmed adapter demo-good")
+        response = completion(server.url, "demo-good", "Once upon a time", max_tokens=8)
+        print(f"HTTP {response.status_code}: {json.dumps(response.json()['choices'][0]['text'])}")
+
+        if check:
+            problems = []
+            if table.returncode != 0 or "demo-good" not in table.stdout:
+                problems.append(f"status table: exit {table.returncode}: {table.stderr}")
+            if broken["reason"] != "rank_too_large":
+                problems.append(f"demo-broken reason is {broken['reason']}")
+            if lora_models(server.url).get("demo-good") != good["snapshot_path"]:
+                problems.append("demo-good is not loaded from its snapshot")
+            if "demo-broken" in lora_models(server.url):
+                problems.append("demo-broken reached vLLM")
+            if response.status_code != 200:
+                problems.append(f"completion answered {response.status_code}")
+            for problem in problems:
+                print(f"CHECK FAILED: {problem}", file=sys.stderr)
+            print("\ndemo check: " + ("FAILED" if problems else "ok"))
+            return 1 if problems else 0
+
+        _say(
+            f"both are running: try `lorawarm status --url {daemon.status_url}`, or drop more "
+            f"adapters into {drop}; Ctrl-C stops everything"
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            if not server.running:
+                print("vLLM exited; stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        _say("cleaning up")
+        if daemon is not None:
+            daemon.stop()
+        server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"))
+    parser.add_argument("--check", action="store_true", help="assert the steps, then exit")
+    args = parser.parse_args(argv)
+    return run_demo(args.workdir, check=args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
