@@ -36,9 +36,6 @@ from lorawarm.watcher import Hint, Watcher, discover, resolve_hint
 log = get_logger(__name__)
 
 SHUTDOWN_DEADLINE = 10.0
-# A snapshot younger than this is never collected: the plugin may have just made it and be
-# about to hand it to vLLM.
-SNAPSHOT_GRACE = 300.0
 
 
 class _StatusServer(uvicorn.Server):
@@ -427,7 +424,7 @@ class Daemon:
         now = time.time()
         for snap in self.store.existing():
             with contextlib.suppress(OSError):
-                if now - snap.path.stat().st_ctime < SNAPSHOT_GRACE:
+                if now - snap.path.stat().st_ctime < self.settings.snapshot_grace_seconds:
                     keep.add(snap.path)
         try:
             removed = self.store.collect(keep)

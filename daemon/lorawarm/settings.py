@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     max_backoff_seconds: float = Field(
         default=60.0, gt=0, le=3600, description="Cap of the retry backoff after a failure."
     )
+    snapshot_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="Unreferenced snapshots younger than this are kept (the plugin may have "
+        "just made one for vLLM).",
+    )
     status_host: str = Field(default="127.0.0.1", description="Address the status API binds.")
     status_port: int = Field(
         default=8765, ge=0, le=65535, description="Port of the status API (0: pick a free one)."
