@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib
 import json
 import shutil
 import tempfile
@@ -50,7 +51,15 @@ def _quiet() -> Iterator[None]:
     """Silence the deprecation/user warnings the ML libraries emit (pytest turns them to errors)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        logging = _lib("transformers.utils.logging")
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
         yield
+
+
+def _lib(name: str) -> Any:
+    """Import a generation library untyped: their signatures change between releases."""
+    return importlib.import_module(name)
 
 
 def _is_complete(folder: Path, files: Sequence[str]) -> bool:
@@ -68,24 +77,25 @@ def make_tiny_model(dest: Path) -> Path:
     if _is_complete(dest, MODEL_FILES):
         return dest
     with _quiet():
-        import torch
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+        torch = _lib("torch")
+        tok = _lib("tokenizers")
+        transformers = _lib("transformers")
+        models, pre_tokenizers = tok.models, tok.pre_tokenizers
 
-        bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+        bpe = tok.Tokenizer(models.BPE(unk_token="<unk>"))
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
+        bpe.decoder = tok.decoders.ByteLevel()
+        trainer = tok.trainers.BpeTrainer(
             vocab_size=512,
             special_tokens=list(_SPECIAL_TOKENS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         bpe.train_from_iterator(list(_CORPUS), trainer=trainer)
-        bpe.post_processor = processors.TemplateProcessing(
+        bpe.post_processor = tok.processors.TemplateProcessing(
             single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
         )
-        tokenizer = PreTrainedTokenizerFast(
+        tokenizer = transformers.PreTrainedTokenizerFast(
             tokenizer_object=bpe,
             unk_token="<unk>",
             bos_token="<s>",
@@ -94,8 +104,7 @@ def make_tiny_model(dest: Path) -> Path:
             model_max_length=512,
         )
 
-        torch.manual_seed(_MODEL_SEED)
-        config = LlamaConfig(
+        config = transformers.LlamaConfig(
             hidden_size=256,
             intermediate_size=512,
             num_hidden_layers=2,
@@ -107,24 +116,32 @@ def make_tiny_model(dest: Path) -> Path:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
-            torch_dtype="float32",
         )
-        model = LlamaForCausalLM(config)
-        # The default init (std 0.02) gives near-uniform logits; larger weights make greedy
-        # outputs and LoRA effects clearly visible.
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() > 1:
-                    param.normal_(mean=0.0, std=0.2)
+        with torch.random.fork_rng():
+            torch.manual_seed(_MODEL_SEED)
+            model = transformers.LlamaForCausalLM(config)
+            # The default init (std 0.02) gives near-uniform logits; larger weights make greedy
+            # outputs and LoRA effects clearly visible.
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.dim() > 1:
+                        param.normal_(mean=0.0, std=0.2)
 
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            if dest.exists():
+            tmp.chmod(0o755)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            if dest.exists() and not _is_complete(dest, MODEL_FILES):
                 shutil.rmtree(dest)
-            tmp.rename(dest)
+            try:
+                tmp.rename(dest)
+            except OSError:
+                # Another process finished the same model first: keep its copy.
+                if not _is_complete(dest, MODEL_FILES):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -135,9 +152,7 @@ def make_tiny_model(dest: Path) -> Path:
 def _load_base(base_model: str) -> Any:
     """Load the base model once per process; adapters are made from fresh PEFT wrappers of it."""
     with _quiet():
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM.from_pretrained(base_model)
+        return _lib("transformers").LlamaForCausalLM.from_pretrained(base_model)
 
 
 def make_adapter(
@@ -160,21 +175,23 @@ def make_adapter(
     base_model = Path(base_model).resolve()
     dest = Path(dest).resolve()
     with _quiet():
-        import torch
-        from peft import LoraConfig, get_peft_model
-
+        torch = _lib("torch")
+        peft = _lib("peft")
         # A private copy: get_peft_model injects LoRA layers into the model it is given.
         base = copy.deepcopy(_load_base(str(base_model)))
         options: dict[str, Any] = {"lora_alpha": 16, "init_lora_weights": False}
         options.update(lora_kwargs)
-        config = LoraConfig(r=r, target_modules=list(target_modules), **options)
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(base, config)
+        config = peft.LoraConfig(r=r, target_modules=list(target_modules), **options)
+        with torch.random.fork_rng():  # leave the caller's global RNG state alone
+            torch.manual_seed(seed)
+            peft_model = peft.get_peft_model(base, config)
         dest.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(dest, safe_serialization=True)
+        peft_model.save_pretrained(str(dest), safe_serialization=True)
 
     config_path = dest / "adapter_config.json"
     data = json.loads(config_path.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])  # PEFT writes set order
     data["base_model_name_or_path"] = (
         str(base_model) if base_model_name_or_path is None else base_model_name_or_path
     )
