@@ -1,0 +1,192 @@
+"""The resolver vLLM asks about an adapter name nobody has loaded yet.
+
+It answers exactly as the daemon would: the same name rules and containment (`lorawarm.names`),
+the same inspection (`lorawarm.inspection`), the same snapshot store (`lorawarm.snapshot`). vLLM
+is handed the absolute path of an immutable snapshot, never the drop folder, so a user deleting
+or rewriting the folder later cannot kill the engine when it re-reads an evicted adapter
+(vllm#5105); the daemon later finds that snapshot in `/v1/models` and adopts it.
+
+The class takes plain arguments and reads no environment (`register()` does that). It does not
+import vLLM at module import time: `LoRARequest` is imported when the first answer is built, and
+`register()` declares the class a virtual subclass of vLLM's `LoRAResolver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from lorawarm.inspection import FileStat, Invalid, Rules, inspect_adapter
+from lorawarm.names import BadName, check_name, folder_for
+from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotStore
+
+# vllm.lora.request.LoRARequest. vLLM is imported through importlib, here and in `register()`:
+# vLLM ships py.typed, and letting mypy follow it means minutes of analysing vLLM and torch.
+LoRARequest: TypeAlias = Any
+
+# vLLM replaces a hub id by its local cache path when HF_HUB_OFFLINE is set (engine/arg_utils.py),
+# and passes that path as `base_model_name`; adapters name the hub id.
+_HF_CACHE_PATH = re.compile(r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?")
+
+# How many (name, reason) pairs are remembered for "log once": names come from requests, so the
+# memory is bounded.
+MAX_REMEMBERED = 1024
+
+
+class LorawarmResolver:
+    """Resolves an adapter name to a validated, immutable snapshot of its drop folder.
+
+    `cache_dir` is the drop directory, `store` the snapshot store shared with the daemon,
+    `rules` the inspection rules from the settings. vLLM's `--model` (the `base_model_name` of
+    each call) is always accepted as the base model in addition to what `rules` accepts.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        store: SnapshotStore,
+        rules: Rules,
+        *,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.cache_dir = Path(os.path.abspath(cache_dir))
+        self.store = store
+        self.rules = rules
+        self.log = logger or logging.getLogger(__name__)
+        self._lock = threading.Lock()
+        self._reported: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._snapshots: dict[str, tuple[tuple[FileStat, ...], Snapshot]] = {}
+
+    def __repr__(self) -> str:
+        return f"LorawarmResolver(cache_dir='{self.cache_dir}', snapshots='{self.store.root}')"
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """vLLM's resolver interface: a `LoRARequest` for a valid adapter, else None.
+
+        Never raises (vLLM turns a resolver exception into a 500): anything unexpected is logged
+        and answered with None, which vLLM reports as a 404.
+        """
+        try:
+            snapshot = await asyncio.to_thread(self.resolve_snapshot, base_model_name, lora_name)
+            if snapshot is None:
+                return None
+            return _lora_request(lora_name, snapshot)
+        except Exception:
+            self.log.exception(
+                "lorawarm: resolving adapter %s failed unexpectedly; answering 'not found'",
+                _shown(lora_name),
+            )
+            return None
+
+    def resolve_snapshot(self, base_model_name: str, lora_name: str) -> Snapshot | None:
+        """The blocking part of `resolve_lora`: inspect, then create or reuse the snapshot."""
+        folder = folder_for(self.cache_dir, lora_name)
+        if folder is None:
+            self._report_bad_name(lora_name)
+            return None
+        if not os.path.lexists(folder):
+            # Not ours: another resolver may know it, and vLLM answers 404 otherwise.
+            self.log.debug("lorawarm: no adapter folder for %s", _shown(lora_name))
+            return None
+        rules = self.rules_for(base_model_name)
+        result = inspect_adapter(folder, root=self.cache_dir, rules=rules, name=lora_name)
+        if isinstance(result, Invalid):
+            self._report(lora_name, result.reason, result.message)
+            return None
+        with self._lock:
+            known = self._snapshots.get(lora_name)
+        if known is not None and known[0] == result.fingerprint and known[1].path.is_dir():
+            _touch(known[1])
+            return known[1]
+        try:
+            snapshot = self.store.create(result, rules)
+        except SnapshotError as err:
+            self._report(lora_name, err.reason, err.message)
+            return None
+        _touch(snapshot)
+        with self._lock:
+            self._snapshots[lora_name] = (result.fingerprint, snapshot)
+            for key in [k for k in self._reported if k[0] == lora_name]:
+                del self._reported[key]
+        self.log.info(
+            "lorawarm: adapter %s is valid (rank %d); vLLM loads its snapshot %s",
+            _shown(lora_name),
+            result.rank,
+            snapshot.path,
+        )
+        return snapshot
+
+    def rules_for(self, base_model_name: str) -> Rules:
+        """The configured rules plus vLLM's `--model` (and its hub id) as accepted base models."""
+        extra = [base_model_name]
+        match = _HF_CACHE_PATH.fullmatch(base_model_name)
+        if match:
+            extra.append(f"{match['org']}/{match['name']}")
+        known = set(self.rules.base_model_aliases)
+        added = tuple(n for n in extra if n and n not in known)
+        if not added:
+            return self.rules
+        return dataclasses.replace(
+            self.rules, base_model_aliases=(*self.rules.base_model_aliases, *added)
+        )
+
+    def _report_bad_name(self, lora_name: str) -> None:
+        try:
+            check_name(lora_name)
+        except BadName as bad:
+            self._report(lora_name, bad.reason, bad.message)
+        else:
+            self._report(
+                lora_name,
+                "outside_root",
+                f"adapter name {ascii(lora_name)[:80]} resolves outside {self.cache_dir}",
+            )
+
+    def _report(self, lora_name: str, reason: str, message: str) -> None:
+        """Log why `lora_name` is not served, once per (name, reason)."""
+        key = (lora_name, str(reason))
+        with self._lock:
+            if key in self._reported:
+                self._reported.move_to_end(key)
+                return
+            self._reported[key] = None
+            while len(self._reported) > MAX_REMEMBERED:
+                self._reported.popitem(last=False)
+        self.log.warning(
+            "lorawarm: adapter %s is not served (%s): %s",
+            _shown(lora_name),
+            reason,
+            message,
+        )
+
+
+def _shown(name: str) -> str:
+    """A requested name as it may appear in a log line: ASCII-escaped and bounded."""
+    return ascii(name)[:200]
+
+
+def _touch(snapshot: Snapshot) -> None:
+    """Mark a reused snapshot as just handed out: the daemon never collects a snapshot whose
+    ctime is recent, and vLLM has not listed this one yet. Best effort (another user's
+    snapshot cannot be touched)."""
+    with contextlib.suppress(OSError):
+        os.utime(snapshot.path)
+
+
+def _lora_request(lora_name: str, snapshot: Snapshot) -> LoRARequest:
+    request_type = importlib.import_module("vllm.lora.request").LoRARequest
+    # vLLM overwrites the id with its own counter; it only has to be >= 1 here.
+    return request_type(
+        lora_name=lora_name,
+        lora_int_id=int(snapshot.digest[:15], 16) + 1,
+        lora_path=str(snapshot.path),
+    )
