@@ -309,7 +309,10 @@ class Daemon:
                 prefix = hint.parts[0] + "/"
                 names += [n for n in self.catalog.names() if n.startswith(prefix)]
             for name in names:
-                published[name] = published.get(name, False) or hint.published
+                # A rename publishes the folder it names (or an org's adapters below it),
+                # never the adapter that a renamed sub-folder sits in.
+                under = tuple(name.split("/"))[: len(hint.parts)] == hint.parts
+                published[name] = published.get(name, False) or (hint.published and under)
         if full:
             await self.rescan(frozenset(n for n, p in published.items() if p))
             return
@@ -334,7 +337,9 @@ class Daemon:
         if record is None:
             record = AdapterRecord(name=name, source_path=folder)
             self.catalog.add(record)
-        elif record.fingerprint == fp and not record.settling:
+        elif record.fingerprint == fp and not record.settling and record.reason != "unreadable":
+            # Permissions are not in the fingerprint: an unreadable folder is inspected again
+            # on every hint and rescan, so the chmod/chown that fixes it is taken.
             return
         if not record.settling:
             record.settling = True

@@ -35,6 +35,8 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 MAX_ENTRIES = 256
 MAX_SAFETENSORS_HEADER = 64 << 20
+# What torch.save writes first in its legacy (non-zip) format: pickle's LONG1 of MAGIC_NUMBER.
+_TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 # PEFT modules vLLM accepts in modules_to_save (vllm/lora/peft_helper.py).
 ALLOWED_MODULES_TO_SAVE = frozenset({"classifier", "score"})
 # String values of init_lora_weights that only set the initial weights (vllm/lora/peft_helper.py
@@ -650,7 +652,7 @@ def _check_safetensors(path: Path, size: int, config: dict[str, Any]) -> None:
 def _check_torch_file(path: Path, size: int) -> None:
     """Check a .bin/.pt as far as is safe: never unpickle, only look at the container."""
     with _open_regular(path) as fd:
-        magic = _read_exactly(fd, 4)
+        magic = _read_exactly(fd, 32)
     if magic[:2] == b"PK":  # torch.save's zip container: the central directory must be whole
         try:
             with zipfile.ZipFile(path) as zf:
@@ -663,11 +665,16 @@ def _check_torch_file(path: Path, size: int) -> None:
         if not any(n.endswith("data.pkl") for n in names):
             raise _Reject(Reason.WEIGHTS_UNRECOGNIZED, f"{path.name} is a zip but not a torch file")
         return
-    if magic[:1] == b"\x80":  # legacy pickle: its completeness cannot be checked without loading
-        return
+    if magic[:1] == b"\x80":  # legacy torch file: its completeness cannot be checked unloaded
+        # ...but its first pickle must be torch's magic number, or torch.load refuses it
+        # ("Invalid magic number"): any other pickle is not a torch file (and may be a payload).
+        start = 11 if magic[2:3] == b"\x95" else 2  # protocol 4+: a FRAME opcode first
+        if magic[start:].startswith(_TORCH_LEGACY_MAGIC):
+            return
     raise _Reject(
         Reason.WEIGHTS_UNRECOGNIZED,
-        f"{path.name} is neither a safetensors, torch zip nor pickle file",
+        f"{path.name} is neither a torch zip archive nor a legacy torch file (a pickle that "
+        "does not start with torch's magic number is refused, never unpickled)",
     )
 
 

@@ -140,6 +140,7 @@ class ServerReconciler:
         self._retries: dict[str, _Retry] = {}
         self._server_retry_at = 0.0
         self._server_attempts = 0
+        self._probe_down = True  # /health not seen answering since start or its last failure
         self._rng = random.Random()  # noqa: S311 - retry jitter, not cryptography
 
     def wake(self) -> None:
@@ -167,7 +168,10 @@ class ServerReconciler:
         if self._server_retry_at > now:
             soonest = min(soonest, self._server_retry_at)
         for retry in self._retries.values():
-            soonest = min(soonest, max(retry.due, now))
+            # A retry already due was tried by the last sync or is not wanted any more
+            # (deleted, cold, name taken): waking for it again would re-sync every 10 ms.
+            if retry.due > now:
+                soonest = min(soonest, retry.due)
         return max(soonest - now, 0.01)
 
     async def _health_loop(self) -> None:
@@ -175,12 +179,16 @@ class ServerReconciler:
             try:
                 await self.client.health()
             except VllmError as err:
+                self._probe_down = True
                 if self.status.healthy or self.status.condition != err.condition:
                     self._went_down(err)
             else:
-                if not self.status.healthy:
+                self.status.healthy = True
+                if self._probe_down:
+                    # Up, or back after the probe saw it fail (a restart?). A call failing while
+                    # /health answers is no comeback: it keeps its backoff, not a retry per probe.
+                    self._probe_down = False
                     log.info("server_healthy", server=self.url)
-                    self.status.healthy = True
                     self._server_retry_at = 0.0
                     self._server_attempts = 0
                     self.known = False
@@ -249,7 +257,9 @@ class ServerReconciler:
             self._server_failed(err)
         else:
             self._server_attempts = 0
-            self._set_condition(ServerCondition.OK, None, healthy=True)
+            # /v1/models answers even when the engine is dead: only the probe clears engine_dead.
+            if self.status.healthy or self.status.condition != Condition.ENGINE_DEAD:
+                self._set_condition(ServerCondition.OK, None, healthy=True)
             self.status.last_sync = time.time()
         finally:
             self.metrics.reconcile_seconds.labels(self.url).observe(time.monotonic() - started)

@@ -10,6 +10,7 @@ documented JSON (and the OpenAPI schema at `/openapi.json`).
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from lorawarm import __version__
 from lorawarm.catalog import AdapterRecord, AdapterState, Catalog
@@ -97,19 +99,35 @@ class StatusSource(Protocol):
     def server_statuses(self) -> Sequence[ServerStatus]: ...
 
 
+class _NameConvertor(PathConvertor):
+    """Starlette's `path`, newlines included: a folder name may hold one (it is reported
+    `invalid_name`), and its record must be reachable by name like any other."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("adapter_name", _NameConvertor())
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _text(value: str) -> str:
+    """A file name as JSON can carry it: bytes that are not UTF-8 (kept by Python as lone
+    surrogates, which no JSON encoder accepts) are shown as `\\xff` escapes."""
+    return os.fsencode(value).decode("utf-8", "backslashreplace")
 
 
 def adapter_view(record: AdapterRecord, urls: list[str]) -> AdapterView:
     snap = record.snapshot
     return AdapterView(
-        name=record.name,
+        name=_text(record.name),
         state=record.state(urls),
         reason=record.reason,
-        message=record.message,
+        message=_text(record.message) if record.message else record.message,
         digest=snap.digest if snap else None,
-        source_path=str(record.source_path),
+        source_path=_text(str(record.source_path)),
         snapshot_path=str(snap.path) if snap else None,
         first_seen=_iso(record.first_seen) or "",
         changed_at=_iso(record.changed_at) or "",
@@ -138,6 +156,7 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
         description="What lorawarm did with every LoRA adapter, per vLLM server, and why.",
         docs_url=None,
         redoc_url=None,
+        openapi_url=None if token else "/openapi.json",  # with a token: served below, guarded
     )
 
     def authorize(request: Request) -> None:
@@ -152,6 +171,13 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
             )
 
     auth: list[Any] = [Depends(authorize)]
+
+    if token is not None:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+        async def openapi() -> JSONResponse:
+            """The OpenAPI schema, behind the token like every route but /healthz."""
+            return JSONResponse(app.openapi())
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
@@ -168,10 +194,14 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     )
     async def readyz() -> Response:
         """Readiness: the first scan of the drop directory is done."""
+        drop_dir = "ok" if source.drop_dir_ok else "missing"
         if source.ready:
-            return JSONResponse(Health(status="ready", version=__version__).model_dump())
+            return JSONResponse(
+                Health(status="ready", version=__version__, drop_dir=drop_dir).model_dump()
+            )
         return JSONResponse(
-            Health(status="starting", version=__version__).model_dump(), status_code=503
+            Health(status="starting", version=__version__, drop_dir=drop_dir).model_dump(),
+            status_code=503,
         )
 
     @app.get("/v1/adapters", response_model=AdapterList, dependencies=auth)
@@ -185,7 +215,7 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
         return AdapterList(adapters=views, counts=counts)
 
     @app.get(
-        "/v1/adapters/{name:path}",
+        "/v1/adapters/{name:adapter_name}",
         response_model=AdapterView,
         dependencies=auth,
         responses={404: {"description": "No adapter of that name."}},
@@ -193,6 +223,8 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     async def adapter(name: str) -> AdapterView:
         """One adapter; `name` may be `org/name`."""
         record = source.catalog.get(name)
+        if record is None:  # a name that is not UTF-8, as the list shows it
+            record = next((r for r in source.catalog if _text(r.name) == name), None)
         if record is None:
             raise HTTPException(status_code=404, detail=f"no adapter named {name[:200]!r}")
         return adapter_view(record, source.server_urls)

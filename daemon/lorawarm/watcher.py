@@ -173,8 +173,11 @@ def resolve_hint(root: Path, hint: Hint) -> list[str] | None:
                 return [f"{top}/{hint.parts[1]}"]
             return [f"{top}/{c.name}" for c in children]
     names = [top]
-    if len(hint.parts) == 2:
-        names.append(f"{top}/{hint.parts[1]}")  # an org that just lost its last adapter
+    # An org that just lost its last adapter: its former child is named, so that its record
+    # goes. Anything that still exists there is content of the adapter `top`, not an adapter
+    # of its own (naming it would make a phantom `top/sub` record).
+    if len(hint.parts) == 2 and not os.path.lexists(folder / hint.parts[1]):
+        names.append(f"{top}/{hint.parts[1]}")
     return names
 
 

@@ -145,10 +145,12 @@ class LorawarmResolver:
         except BadName as bad:
             self._report(lora_name, bad.reason, bad.message)
         else:
+            # The name is well-formed, so only a symlink can lead it out: the daemon's reason.
             self._report(
                 lora_name,
-                "outside_root",
-                f"adapter name {ascii(lora_name)[:80]} resolves outside {self.cache_dir}",
+                "symlink_escape",
+                f"adapter {ascii(lora_name)[:80]} passes through a symlink that leads outside "
+                f"{self.cache_dir} (or to it); copy the adapter in instead",
             )
 
     def _report(self, lora_name: str, reason: str, message: str) -> None:

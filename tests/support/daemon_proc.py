@@ -47,13 +47,16 @@ class LorawarmProcess:
         env: Mapping[str, str] | None = None,
         args: Sequence[str] = (),
         log_path: Path | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """`wrapper` is a command that execs the daemon (e.g. `setpriv ... --`): same pid."""
         self.cache_dir = cache_dir
         self.state_dir = state_dir
         self.urls = list(urls)
         self.port = free_port()
         self.env_overrides = dict(env or {})
         self.args = list(args)
+        self.wrapper = list(wrapper)
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="lorawarm-", suffix=".log")
             os.close(fd)
@@ -87,7 +90,7 @@ class LorawarmProcess:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lorawarm.cli", "run", *self.args],
+            [*self.wrapper, sys.executable, "-m", "lorawarm.cli", "run", *self.args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

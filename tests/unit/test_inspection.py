@@ -588,7 +588,11 @@ def test_rank_equal_to_max_is_accepted(root: Path) -> None:
     ("file", "data"),
     [
         pytest.param(BIN, torch_zip_bytes(), id="bin-torch-zip"),
-        pytest.param(BIN, b"\x80\x02\x8a\x0alegacy torch pickle", id="bin-legacy-pickle"),
+        pytest.param(  # what torch.save(..., _use_new_zipfile_serialization=False) starts with
+            BIN,
+            b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.",
+            id="bin-legacy-pickle",
+        ),
         pytest.param(PT, torch_zip_bytes(), id="pt-torch-zip"),
     ],
 )

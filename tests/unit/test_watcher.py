@@ -1,0 +1,290 @@
+"""The watcher: filesystem events to adapter-name hints, discovery of adapter folders, and a real
+watchdog observer (inotify and polling) feeding an asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+from watchdog.events import (
+    DirCreatedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+)
+
+from lorawarm.watcher import Hint, Watcher, _Handler, discover, hint_for, resolve_hint
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "drop"
+    path.mkdir()
+    return path
+
+
+# --- hint_for ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rel", "published", "hint"),
+    [
+        ("a", False, Hint(("a",))),
+        ("a/adapter_config.json", False, Hint(("a", "adapter_config.json"))),
+        ("a", True, Hint(("a",), published=True)),
+        ("org/a", True, Hint(("org", "a"), published=True)),
+        ("org/a", False, Hint(("org", "a"))),
+        ("org/a/adapter_model.safetensors", False, Hint(("org", "a"))),
+        # a rename deeper than root/org/name is a change inside an adapter, not a publish
+        ("org/a/sub", True, Hint(("org", "a"))),
+        # root/name/x and root/org/name look alike here; resolve_hint tells them apart
+        ("a/sub", True, Hint(("a", "sub"), published=True)),
+        ("", False, Hint(())),
+        (".a.tmp", False, None),
+        (".a.tmp", True, None),
+        (".a.tmp/adapter_config.json", False, None),
+    ],
+)
+def test_hint_for(root: Path, rel: str, published: bool, hint: Hint | None) -> None:
+    """Paths map to their top two components; top-level dot-folders are ignored; a rename is a
+    publish only at depth one or two (root/name, root/org/name); the root asks for a rescan."""
+    path = str(root / rel) if rel else str(root)
+    assert hint_for(root, path, published=published) == hint
+
+
+@pytest.mark.parametrize("path", ["/elsewhere/a", "/", "{root}2/a", "{root}/../x"])
+def test_hint_for_outside_root_is_none(root: Path, path: str) -> None:
+    """An event outside the drop directory (even a sibling sharing its prefix) is no hint."""
+    assert hint_for(root, path.format(root=root)) is None
+
+
+# --- the event handler ------------------------------------------------------------------------
+
+
+def handled(root: Path, event: FileSystemEvent) -> list[Hint]:
+    hints: list[Hint] = []
+    _Handler(root, hints.append).on_any_event(event)
+    return hints
+
+
+def test_handler_publish_by_rename(root: Path) -> None:
+    """mv .a.tmp a gives one publish hint for a (the dot source is ignored)."""
+    event = DirMovedEvent(str(root / ".a.tmp"), str(root / "a"))
+    assert handled(root, event) == [Hint(("a",), published=True)]
+
+
+def test_handler_rename_between_names_hints_both(root: Path) -> None:
+    """mv a b: a is gone (hint a) and b is published (hint b)."""
+    event = DirMovedEvent(str(root / "a"), str(root / "b"))
+    assert handled(root, event) == [Hint(("a",)), Hint(("b",), published=True)]
+
+
+def test_handler_file_rename_is_not_a_publish(root: Path) -> None:
+    """A file renamed inside an adapter (an editor's save) is a change, not a publish."""
+    event = FileMovedEvent(str(root / "a" / ".cfg.swp"), str(root / "a" / "adapter_config.json"))
+    assert handled(root, event) == [Hint(("a", ".cfg.swp")), Hint(("a", "adapter_config.json"))]
+
+
+def test_handler_rename_out_of_the_drop_dir(root: Path, tmp_path: Path) -> None:
+    """mv root/a elsewhere: only the source is hinted."""
+    event = DirMovedEvent(str(root / "a"), str(tmp_path / "trash" / "a"))
+    assert handled(root, event) == [Hint(("a",))]
+
+
+@pytest.mark.parametrize(
+    "event_of",
+    [
+        lambda root: FileOpenedEvent(str(root / "a" / "adapter_config.json")),
+        lambda root: FileClosedNoWriteEvent(str(root / "a" / "adapter_config.json")),
+        lambda root: DirModifiedEvent(str(root)),
+    ],
+    ids=["opened", "closed-no-write", "root-modified"],
+)
+def test_handler_ignores_noise(root: Path, event_of: object) -> None:
+    """Reads (opened, closed without write) and the root's own "modified" give no hint."""
+    assert callable(event_of)
+    assert handled(root, event_of(root)) == []
+
+
+def test_handler_created_and_modified(root: Path) -> None:
+    """Creating or writing inside an adapter hints its name."""
+    assert handled(root, DirCreatedEvent(str(root / "a"))) == [Hint(("a",))]
+    assert handled(root, FileCreatedEvent(str(root / "a" / "w"))) == [Hint(("a", "w"))]
+    assert handled(root, FileModifiedEvent(str(root / "org" / "b" / "w"))) == [Hint(("org", "b"))]
+
+
+def test_handler_never_lets_an_exception_escape(root: Path) -> None:
+    """An exception while delivering is logged, never raised into the observer thread."""
+
+    def explode(hint: Hint) -> None:
+        raise RuntimeError("boom")
+
+    with capture_logs() as logs:
+        _Handler(root, explode).on_any_event(FileCreatedEvent(str(root / "a")))
+    assert [e["event"] for e in logs] == ["watch_event_failed"]
+    assert logs[0]["log_level"] == "error"
+
+
+def test_deliver_after_the_loop_closed_is_silent(root: Path) -> None:
+    """A late event while the daemon shuts down (loop closed) is dropped quietly."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    queue: asyncio.Queue[Hint] = asyncio.Queue()
+    Watcher(root, loop, queue)._deliver(Hint(("a",)))
+    assert queue.empty()
+
+
+# --- discover and resolve_hint ----------------------------------------------------------------
+
+
+def make_tree(root: Path) -> None:
+    (root / "plain").mkdir()
+    (root / "plain" / "adapter_config.json").write_text("{}")
+    (root / "empty").mkdir()  # a copy that just started: an adapter
+    (root / "org" / "x").mkdir(parents=True)
+    (root / "org" / "y").mkdir()
+    (root / "org" / ".z.tmp").mkdir()  # staging inside an org
+    (root / "mixed").mkdir()  # a file at its top: an adapter, even with a folder inside
+    (root / "mixed" / "adapter_config.json").write_text("{}")
+    (root / "mixed" / "checkpoint").mkdir()
+    (root / ".hidden.tmp").mkdir()
+    (root / ".hidden.tmp" / "adapter_config.json").write_text("{}")
+    (root / "README.md").write_text("files at the top are not adapters")
+
+
+def test_discover_finds_names_and_org_names(root: Path) -> None:
+    """Top-level folders are adapters, folders of only folders are orgs of adapters; dot
+    entries and top-level files are ignored."""
+    make_tree(root)
+    assert discover(root) == {
+        "plain": root / "plain",
+        "empty": root / "empty",
+        "org/x": root / "org" / "x",
+        "org/y": root / "org" / "y",
+        "mixed": root / "mixed",
+    }
+
+
+def test_discover_follows_a_top_level_symlink(root: Path, tmp_path: Path) -> None:
+    """A symlinked top-level folder is found (inspection decides whether it may be used)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "adapter_config.json").write_text("{}")
+    (root / "link").symlink_to(tmp_path / "real")
+    assert discover(root) == {"link": root / "link"}
+
+
+def test_discover_of_missing_root_is_empty(tmp_path: Path) -> None:
+    """A drop directory that vanished yields nothing instead of failing."""
+    assert discover(tmp_path / "nope") == {}
+
+
+def test_resolve_hint(root: Path) -> None:
+    """A hint resolves to the adapter names it may concern."""
+    make_tree(root)
+    assert resolve_hint(root, Hint(())) is None
+    assert resolve_hint(root, Hint(("plain",))) == ["plain"]
+    assert resolve_hint(root, Hint(("org", "x"))) == ["org/x"]
+    assert sorted(resolve_hint(root, Hint(("org",))) or []) == ["org/x", "org/y"]
+    # a dot entry inside an org: every adapter of the org is looked at again
+    assert sorted(resolve_hint(root, Hint(("org", ".z.tmp"))) or []) == ["org/x", "org/y"]
+    # an event inside an adapter folder names that adapter first
+    inside = resolve_hint(root, Hint(("plain", "adapter_config.json")))
+    assert inside is not None
+    assert inside[0] == "plain"
+
+
+def test_resolve_hint_for_deleted_folders(root: Path) -> None:
+    """A hint for a folder that is gone names both readings (name, and org/name), so the
+    daemon can drop whichever it had."""
+    assert resolve_hint(root, Hint(("gone",))) == ["gone"]
+    assert resolve_hint(root, Hint(("gone", "x"))) == ["gone", "gone/x"]
+
+
+def test_resolve_hint_for_an_org_that_lost_its_last_adapter(root: Path) -> None:
+    """An org folder that became empty is read as a (new, empty) adapter and its former
+    child is named too."""
+    (root / "org").mkdir()
+    assert resolve_hint(root, Hint(("org", "x"))) == ["org", "org/x"]
+
+
+# --- a real observer --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_leaked_threads() -> Iterator[None]:
+    """Fails when a test leaves a thread behind (watchdog's observer and emitters)."""
+    before = threading.active_count()
+    yield
+    deadline = time.monotonic() + 2
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before, [t.name for t in threading.enumerate()]
+
+
+def alive(watcher: Watcher) -> bool:
+    return watcher.alive
+
+
+async def wait_hint(queue: asyncio.Queue[Hint], wanted: Hint, within: float = 5.0) -> list[Hint]:
+    """Collect hints until `wanted` arrives; return all seen."""
+    seen: list[Hint] = []
+    async with asyncio.timeout(within):
+        while wanted not in seen:
+            seen.append(await queue.get())
+    return seen
+
+
+@pytest.mark.usefixtures("no_leaked_threads")
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+async def test_real_observer_delivers_hints(root: Path, polling: bool) -> None:
+    """A real observer turns a copy into hints and a rename into a publish hint, on the loop's
+    queue; stop() joins every thread it started."""
+    queue: asyncio.Queue[Hint] = asyncio.Queue()
+    watcher = Watcher(root, asyncio.get_running_loop(), queue, polling=polling, poll_seconds=0.05)
+    assert not alive(watcher)
+    with watcher:
+        assert alive(watcher)
+        (root / "copied").mkdir()
+        (root / "copied" / "adapter_config.json").write_text("{}")
+        await wait_hint(queue, Hint(("copied",)))
+
+        staging = root / ".pub.tmp"
+        staging.mkdir()
+        (staging / "adapter_config.json").write_text("{}")
+        await asyncio.sleep(0.15)  # let the polling observer see the staging folder first
+        os.rename(staging, root / "pub")
+        seen = await wait_hint(queue, Hint(("pub",), published=True))
+        assert all(not h.parts or not h.parts[0].startswith(".") for h in seen)
+
+        (root / "org").mkdir()
+        staging = root / "org" / ".b.tmp"
+        staging.mkdir()
+        await asyncio.sleep(0.15)
+        os.rename(staging, root / "org" / "b")
+        await wait_hint(queue, Hint(("org", "b"), published=True))
+    assert not alive(watcher)
+
+
+@pytest.mark.usefixtures("no_leaked_threads")
+async def test_stop_is_idempotent_and_restartable(root: Path) -> None:
+    """stop() twice is harmless, and a stopped watcher can be started again."""
+    queue: asyncio.Queue[Hint] = asyncio.Queue()
+    watcher = Watcher(root, asyncio.get_running_loop(), queue)
+    watcher.stop()
+    watcher.start()
+    watcher.stop()
+    watcher.stop()
+    with watcher:
+        (root / "again").mkdir()
+        await wait_hint(queue, Hint(("again",)))
