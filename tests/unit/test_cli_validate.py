@@ -18,15 +18,6 @@ from tests.unit.adapters import BASE_MODEL, SAFETENSORS, write_adapter
 FALLBACKS = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_API_KEY", "STATE_DIRECTORY", "XDG_STATE_HOME")
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LORAWARM_* or fallback variable from the machine changes what validate does."""
-    for key in list(os.environ):
-        if key.upper().startswith("LORAWARM_") or key in FALLBACKS:
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
 @pytest.fixture
 def good(tmp_path: Path) -> Path:
     return write_adapter(tmp_path / "adapters" / "good")

@@ -32,26 +32,6 @@ UNREACHABLE = "http://127.0.0.1:9"
 TOKEN = "status-secret-42"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No LORAWARM_* or vLLM variable from the machine changes the settings under test."""
-    for key in list(os.environ):
-        if key.upper().startswith(("LORAWARM_", "VLLM_")) or key == "STATE_DIRECTORY":
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    path = tmp_path / "drop"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
 MakeDaemon = Callable[..., Daemon]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,6 @@ def peft_root(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     make_adapter(model, root / "r8", r=8, seed=0)
     make_adapter(model, root / "r32", r=32, seed=1)
     return model, root
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.upper().startswith("LORAWARM_") or key in ("VLLM_LORA_RESOLVER_CACHE_DIR",):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 def test_real_peft_adapter_is_valid(peft_root: tuple[Path, Path]) -> None:

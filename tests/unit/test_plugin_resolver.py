@@ -28,18 +28,6 @@ RULES = Rules(max_lora_rank=16)
 LOGGER = "lorawarm_vllm.resolver"
 
 
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    path = tmp_path / "drop"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
 MakeResolver = Callable[..., LorawarmResolver]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,6 @@ from lorawarm.inspection import Rules
 from lorawarm.settings import EX_CONFIG, ConfigError, Settings, env_name, load, reference_markdown
 
 FALLBACKS = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_API_KEY", "STATE_DIRECTORY", "XDG_STATE_HOME")
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LORAWARM_* (in any case) or fallback variable leaks in from the machine."""
-    for key in list(os.environ):
-        if key.upper().startswith("LORAWARM_") or key in FALLBACKS:
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 def toml(tmp_path: Path, text: str) -> Path:
