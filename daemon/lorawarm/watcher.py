@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
     DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -30,6 +39,24 @@ from watchdog.observers.polling import PollingObserver
 from lorawarm.logs import get_logger
 
 log = get_logger(__name__)
+
+# Only changes. watchdog's default inotify mask also has IN_OPEN and IN_CLOSE_NOWRITE, so every
+# read of the drop directory (our own inspections, digests and rescans) raised events: with
+# 10,000 adapters they overflowed the kernel queue, watchdog re-walked the whole tree on each
+# overflow, and the daemon took ~1 s per 100 adapters to start and a full core when idle.
+WATCHED_EVENTS = (
+    DirAttribEvent,  # IN_ATTRIB: a chmod/chown may make an unreadable adapter readable
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,  # IN_CLOSE_WRITE: a file was written to the end
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +146,12 @@ class Watcher:
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_seconds) if self._polling else Observer()
         )
-        observer.schedule(_Handler(self._root, self._deliver), str(self._root), recursive=True)
+        observer.schedule(
+            _Handler(self._root, self._deliver),
+            str(self._root),
+            recursive=True,
+            event_filter=list(WATCHED_EVENTS),
+        )
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -147,11 +179,12 @@ def discover(root: Path) -> dict[str, Path]:
 
     A top-level folder that holds no files but holds folders is an organisation (`org/name`);
     anything else at the top level is an adapter (possibly still being copied). Dot-entries
-    are ignored.
+    are ignored. A symlink at the top level is never descended into: it is one adapter name,
+    which inspection judges (and refuses when it leads out of the drop directory).
     """
     found: dict[str, Path] = {}
     for top in _dirs(root):
-        children = _visible(Path(top.path))
+        children = [] if top.is_symlink() else _visible(Path(top.path))
         if _is_org(children):
             for child in children:
                 found[f"{top.name}/{child.name}"] = Path(child.path)
@@ -179,6 +212,12 @@ def resolve_hint(root: Path, hint: Hint) -> list[str] | None:
     if len(hint.parts) == 2 and not os.path.lexists(folder / hint.parts[1]):
         names.append(f"{top}/{hint.parts[1]}")
     return names
+
+
+def is_org(folder: Path) -> bool:
+    """True when `folder` (directly under the drop directory) holds `org/name` adapters: it is
+    an organisation then, not an adapter of its own (even if it was one while it was empty)."""
+    return not folder.is_symlink() and _is_org(_visible(folder))
 
 
 def _is_org(children: list[os.DirEntry[str]]) -> bool:
