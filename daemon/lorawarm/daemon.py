@@ -458,6 +458,8 @@ class Daemon:
         keep = set(self.catalog.snapshot_paths())
         for r in self.reconcilers:
             keep.update(Path(p) for p in r.actual.values())
+            if r.loading is not None:
+                keep.add(Path(r.loading))  # vLLM may be reading it right now
         now = time.time()
         for snap in self.store.existing():
             with contextlib.suppress(OSError):

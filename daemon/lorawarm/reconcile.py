@@ -132,6 +132,7 @@ class ServerReconciler:
         self.foreign: frozenset[str] = frozenset()
         self.known = False  # `actual` reflects the server as it is now
         self.listed = False  # /v1/models answered at least once since lorawarm started
+        self.loading: str | None = None  # a load in flight (or unanswered) until the next list
         self._resync = resync_seconds
         self._health_every = health_seconds
         self._max_backoff = max_backoff
@@ -270,6 +271,7 @@ class ServerReconciler:
         models = await self.client.list_models()
         self.foreign = frozenset(m.id for m in models if not (m.root and self.store.owns(m.root)))
         self.actual = {m.id: str(m.root) for m in models if m.root and self.store.owns(m.root)}
+        self.loading = None
         self.known = self.listed = True
 
     def _plan(self) -> Plan:
@@ -322,6 +324,7 @@ class ServerReconciler:
         entry = record.server(self.url) if record else None
         if entry is not None:
             entry.attempts += 1
+        self.loading = path  # snapshot collection must keep what vLLM may be reading right now
         try:
             result = await self.client.load(name, path)
         except VllmError as err:

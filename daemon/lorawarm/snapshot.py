@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -31,6 +32,10 @@ from lorawarm.inspection import CONFIG_FILE, FileStat, Invalid, Rules, Valid, in
 
 DIGEST_CHARS = 32
 STAGING = ".staging"
+TRASH = "gone-"  # prefix of a snapshot being removed, inside the staging dir
+# A staging folder whose writer holds no lock on it (the writer was killed) and that has not
+# changed for this long is removed; the delay covers the instant between mkdtemp and flock.
+ABANDONED_AGE = 10.0
 _DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
 _CHUNK = 1 << 20
 
@@ -89,7 +94,7 @@ class SnapshotStore:
         """
         digest = _digest(adapter.path, adapter.files)
         final = self.path_for(adapter.name, digest)
-        if _complete(final):
+        if _complete(final, adapter.files):
             return Snapshot(adapter.name, digest, final)
         staging = self.root / STAGING
         try:
@@ -97,7 +102,9 @@ class SnapshotStore:
             tmp = Path(tempfile.mkdtemp(prefix="snap-", dir=staging))
         except OSError as err:
             raise SnapshotError("snapshot_failed", f"cannot write the state dir: {err}") from err
+        lock = -1
         try:
+            lock = _hold(tmp)  # while held, collection knows that this copy is alive
             copied = _copy(adapter.path, adapter.files, tmp)
             if copied != digest:
                 raise SnapshotError(
@@ -118,14 +125,22 @@ class SnapshotStore:
                 tmp.rename(final)
             except OSError as err:
                 # Someone (the plugin, or another daemon) published the same content first.
-                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _complete(final):
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
+                if not _complete(final, adapter.files):
+                    # Files are missing: a removal killed half-way (before removals went
+                    # through the staging dir). Replace it.
+                    _discard(final, staging)
+                    tmp.rename(final)
         except SnapshotError:
             _remove(tmp)
             raise
         except OSError as err:
             _remove(tmp)
             raise SnapshotError("snapshot_failed", f"cannot write the snapshot: {err}") from err
+        finally:
+            if lock >= 0:
+                os.close(lock)
         _remove(tmp)
         return Snapshot(adapter.name, digest, final)
 
@@ -152,7 +167,7 @@ class SnapshotStore:
         removed = []
         for snap in list(self.existing()):
             if snap.path not in kept:
-                _remove(snap.path)
+                _discard(snap.path, self.root / STAGING)
                 removed.append(snap.path)
                 with contextlib.suppress(OSError):
                     snap.path.parent.rmdir()  # only succeeds once the name has no snapshot left
@@ -162,7 +177,12 @@ class SnapshotStore:
         now = time.time()
         for leftover in _subdirs(staging):
             with contextlib.suppress(OSError):
-                if now - leftover.stat().st_mtime > staging_age:
+                age = now - leftover.stat().st_mtime
+                if (
+                    leftover.name.startswith(TRASH)
+                    or age > staging_age
+                    or (age > ABANDONED_AGE and _abandoned(leftover))
+                ):
                     _remove(leftover)
                     removed.append(leftover)
         return removed
@@ -176,9 +196,13 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def _complete(path: Path) -> bool:
-    # Published by rename, so a directory that exists is complete.
-    return path.is_dir()
+def _complete(path: Path, files: Iterable[FileStat]) -> bool:
+    # Published by rename and removed by rename (`_discard`), so a snapshot directory is whole
+    # unless something else broke it: check that every file is there at its size.
+    try:
+        return path.is_dir() and all((path / f.name).stat().st_size == f.size for f in files)
+    except OSError:
+        return False
 
 
 def _open_source(folder: Path, f: FileStat) -> int:
@@ -236,6 +260,49 @@ def _copy(folder: Path, files: tuple[FileStat, ...], dest: Path) -> str:
     finally:
         os.close(dfd)
     return h.hexdigest()[:DIGEST_CHARS]
+
+
+def _hold(folder: Path) -> int:
+    """Open a staging folder and hold an exclusive flock on it (released when the fd is closed,
+    by us or by the kernel when the process dies)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _abandoned(folder: Path) -> bool:
+    """True when nobody holds the staging folder's lock: its writer died (SIGKILL, OOM)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False  # not ours to judge (another user's copy in progress): the age rule decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _discard(path: Path, staging: Path) -> None:
+    """Remove a published snapshot so that its path never shows a half-removed one (vLLM would
+    be given it again if the same content came back): rename it into the staging dir in one
+    step, then delete it there. A removal killed half-way leaves a `gone-*` folder in staging,
+    which the next collection deletes."""
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        trash = Path(tempfile.mkdtemp(prefix=TRASH, dir=staging))
+    except OSError:
+        _remove(path)
+        return
+    with contextlib.suppress(OSError):
+        path.rename(trash / path.name)
+    _remove(trash)
 
 
 def _remove(path: Path) -> None:

@@ -443,6 +443,28 @@ async def test_collect_removes_old_unreferenced_snapshots(
     assert not (state / "snapshots" / "org").exists()  # empty name folders go too
 
 
+async def test_collect_keeps_a_snapshot_whose_load_is_in_flight(
+    make_daemon: MakeDaemon, cache: Path
+) -> None:
+    """A snapshot the catalog no longer refers to but that a server was just asked to load (no
+    answer or listing since) is kept: vLLM may be reading it, and deleting files under a load
+    can kill its engine. The next listing releases it."""
+    daemon = make_daemon(snapshot_grace_seconds=0)
+    write_adapter(cache / "a", seed=1)
+    await daemon.refresh("a", published=True)
+    first = snapshot_of(daemon, "a")
+    write_adapter(cache / "a", seed=2)
+    await daemon.refresh("a", published=True)
+    rec = daemon.reconcilers[0]
+    rec.listed = True
+    rec.loading = str(first.path)
+    daemon._collect()
+    assert first.path.is_dir()
+    rec.loading = None
+    daemon._collect()
+    assert not first.path.exists()
+
+
 async def test_collect_survives_a_failing_store(
     make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:

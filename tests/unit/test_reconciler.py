@@ -1028,3 +1028,20 @@ async def test_metrics_move_with_the_work(adapters: Adapters, make: MakeReconcil
     assert sample(rec, "lorawarm_drop_to_ready_seconds_count") == 1
     assert sample(rec, "lorawarm_server_up") == 0
     assert (rec.status.loads, rec.status.unloads, rec.status.failures) == (1, 1, 2)
+
+
+async def test_a_load_is_in_flight_until_the_next_listing(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """`loading` names the snapshot of the last load asked for, answered or not, until vLLM is
+    listed again: snapshot collection keeps it meanwhile."""
+    cat = adapters.catalog("a")
+    fake = FakeVllm()
+    rec = make(fake, cat)
+    seen: list[str | None] = []
+    fake.fail("load", before=lambda: seen.append(rec.loading))
+    await rec.sync()
+    assert path(cat, "a") in seen  # set while vLLM was answering the load
+    assert server_state(cat, "a") is ServerState.LOADED
+    await rec.sync()
+    assert rec.loading is None

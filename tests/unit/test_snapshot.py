@@ -379,3 +379,59 @@ def test_collect_removes_a_single_level_name(root: Path, store: SnapshotStore) -
     assert store.collect([]) == [snap.path]
     assert not (store.root / "solo").exists()
     assert store.root.is_dir()
+
+
+@pytest.mark.parametrize("lost", [[SAFETENSORS], [CONFIG], [SAFETENSORS, CONFIG]])
+def test_a_half_removed_snapshot_is_rebuilt(
+    root: Path, store: SnapshotStore, lost: list[str]
+) -> None:
+    """A snapshot folder that lost files (a removal killed half-way) is rebuilt, never reused."""
+    adapter = valid(root)
+    snap = store.create(adapter, RULES)
+    for name in lost:
+        (snap.path / name).unlink()
+    again = store.create(adapter, RULES)
+    assert again == snap
+    assert sorted(os.listdir(snap.path)) == sorted([CONFIG, SAFETENSORS])
+    assert (snap.path / SAFETENSORS).read_bytes() == (root / "x" / SAFETENSORS).read_bytes()
+    assert staging_entries(store) == []
+
+
+def test_collect_removes_through_staging(
+    root: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collection renames a snapshot away before deleting it (a kill never leaves a half-removed
+    snapshot at its path), and the next collection clears what a killed one left in staging."""
+    snap = store.create(valid(root), RULES)
+
+    def killed(path: Path) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(snapshot_module, "_remove", killed)
+    with pytest.raises(SystemExit):
+        store.collect([])
+    assert not snap.path.exists()
+    assert [e.startswith(snapshot_module.TRASH) for e in staging_entries(store)] == [True]
+    monkeypatch.undo()
+    store.collect([])
+    assert staging_entries(store) == []
+
+
+def test_collect_removes_the_staging_folder_of_a_killed_copy(
+    root: Path, store: SnapshotStore
+) -> None:
+    """A staging folder whose writer died (its lock is free) goes after a few seconds; one whose
+    writer is alive (holding the lock) stays."""
+    staging = store.root / STAGING
+    dead, alive = staging / "snap-dead", staging / "snap-alive"
+    past = time.time() - 60
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+        (d / CONFIG).write_text("{}")
+        os.utime(d, (past, past))
+    lock = snapshot_module._hold(alive)
+    try:
+        assert store.collect([]) == [dead]
+    finally:
+        os.close(lock)
+    assert alive.is_dir()
