@@ -21,14 +21,14 @@ from pathlib import Path
 import uvicorn
 
 from lorawarm.catalog import AdapterRecord, Catalog
-from lorawarm.inspection import Invalid, inspect_adapter
+from lorawarm.inspection import Invalid, Result, inspect_adapter
 from lorawarm.logs import configure, get_logger
 from lorawarm.metrics import Metrics
 from lorawarm.notify import Notifier
 from lorawarm.reconcile import ServerReconciler, ServerStatus
 from lorawarm.settings import EX_CONFIG, Settings
-from lorawarm.settle import Settler, fingerprint
-from lorawarm.snapshot import SnapshotError, SnapshotStore
+from lorawarm.settle import Fingerprint, Settler, fingerprint
+from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotStore
 from lorawarm.status import create_app
 from lorawarm.vllm_client import VllmClient
 from lorawarm.watcher import Hint, Watcher, discover, is_org, resolve_hint
@@ -36,8 +36,11 @@ from lorawarm.watcher import Hint, Watcher, discover, is_org, resolve_hint
 log = get_logger(__name__)
 
 SHUTDOWN_DEADLINE = 10.0
-# Adapters refreshed at once during a rescan (their blocking work runs in worker threads).
-RESCAN_CONCURRENCY = 8
+# Folders inspected and snapshotted per thread call during a rescan.
+RESCAN_BATCH = 64
+
+# What `Daemon._check` found: the inspection, then the snapshot (or why there is none).
+Checked = tuple[Result, Snapshot | SnapshotError | None]
 
 
 class _StatusServer(uvicorn.Server):
@@ -87,6 +90,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._gc_due = False
+        self._loaded: object = None  # what the servers had loaded at the last sync
+        self._collect_after = 0.0  # monotonic time of the next periodic collection
         self._status_dirty = True
         self._interrupts = 0
         self._watcher: Watcher | None = None
@@ -208,7 +213,9 @@ class Daemon:
     def _start_status_server(self) -> tuple[uvicorn.Server, asyncio.Task[None]]:
         host, port = self.settings.status_host, self.settings.status_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is
+        # IPPROTO_TCP, and without it every keep-alive answer waited ~40 ms for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)
@@ -272,28 +279,23 @@ class Daemon:
         found = await asyncio.to_thread(discover, self.root)
         for name in sorted(self.catalog.names() - set(found)):
             await self.refresh(name)
-        # One thread call tells which known folders are unchanged (what `refresh` would find),
-        # and the rest are refreshed a few at a time, overlapping their thread hand-offs and
-        # fsyncs: one by one, 10,000 folders took 60 s to start and ~2 s per resync.
-        known = {
-            n: r.fingerprint
-            for n in found
-            if (r := self.catalog.get(n)) is not None and not r.settling and n not in published
-        }
-        unchanged = await asyncio.to_thread(_unchanged, self.root, known)
-        names = iter([n for n in sorted(found) if n not in unchanged])
-
-        async def worker() -> None:
-            for name in names:
-                await self.refresh(name, published=name in published)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(RESCAN_CONCURRENCY):
-                    group.create_task(worker())
-        except ExceptionGroup as failed:
-            raise failed.exceptions[0] from None
-        self._gc_due = True
+        # Batched: one thread call reads every fingerprint, and the folders due for inspection
+        # are inspected and snapshotted RESCAN_BATCH per thread call. One by one, the thread
+        # hand-offs (four per folder) took most of the time of a scan of thousands of folders.
+        names = sorted(found)
+        fps = await asyncio.to_thread(_read_fingerprints, self.root, names)
+        due = [
+            (record, fp)
+            for name, fp in zip(names, fps, strict=True)
+            if (record := self._observe(name, fp, published=name in published)) is not None
+        ]
+        for start in range(0, len(due), RESCAN_BATCH):
+            batch = due[start : start + RESCAN_BATCH]
+            checked = await asyncio.to_thread(self._check_all, [r for r, _ in batch])
+            for (record, fp), outcome in zip(batch, checked, strict=True):
+                await self._inspect(record, fp, outcome)
+        if time.monotonic() >= self._collect_after:
+            self._gc_due = True  # unreferenced snapshots past their grace period
 
     async def _resync_loop(self) -> None:
         while True:
@@ -349,28 +351,35 @@ class Daemon:
 
     async def refresh(self, name: str, *, published: bool = False) -> None:
         """Bring one adapter's record up to date with its folder."""
+        fp = await asyncio.to_thread(_read_fingerprint, self.root, name)
+        record = self._observe(name, fp, published=published)
+        if record is not None:
+            await self._inspect(record, fp)
+
+    def _observe(
+        self, name: str, fp: Fingerprint | None, *, published: bool
+    ) -> AdapterRecord | None:
+        """Take the folder's fingerprint into its record; the record when it is due for
+        inspection now (new or changed, and settled or published)."""
         folder = self.root / name
-        fp = await asyncio.to_thread(fingerprint, folder)
-        if fp and "/" not in name and await asyncio.to_thread(is_org, folder):
-            fp = None  # it holds `org/name` adapters now: there is no adapter `name` any more
         record = self.catalog.get(name)
         if fp is None and not self.root.is_dir():
             self.rescan_soon()  # the drop directory itself is gone: see _watch_drop_dir
-            return
+            return None
         if fp is None:
             self.settler.forget(name)
             if record is not None:
                 self.catalog.remove(name)
                 log.info("adapter_removed", adapter=name)
                 self._catalog_changed()
-            return
+            return None
         if record is None:
             record = AdapterRecord(name=name, source_path=folder)
             self.catalog.add(record)
         elif record.fingerprint == fp and not record.settling and record.reason != "unreadable":
             # Permissions are not in the fingerprint: an unreadable folder is inspected again
             # on every hint and rescan, so the chmod/chown that fixes it is taken.
-            return
+            return None
         if not record.settling:
             record.settling = True
             record.changed_at = time.time()
@@ -379,8 +388,8 @@ class Daemon:
             name, fp, now=time.monotonic(), wall=time.time(), published=published
         ):
             self._recheck_at(name, self.settler.due(name))
-            return
-        await self._inspect(record, fp)
+            return None
+        return record
 
     def _recheck_at(self, name: str, due: float | None) -> None:
         if due is None:
@@ -393,11 +402,28 @@ class Daemon:
         parts = tuple(name.split("/"))
         self._timers[name] = loop.call_later(delay, self._queue.put_nowait, Hint(parts))
 
-    async def _inspect(self, record: AdapterRecord, fp: object) -> None:
-        name = record.name
-        result = await asyncio.to_thread(
-            inspect_adapter, record.source_path, root=self.root, rules=self.rules, name=name
+    def _check(self, record: AdapterRecord) -> Checked:
+        """Inspect the folder and, when valid, snapshot it: the blocking part of `_inspect`."""
+        result = inspect_adapter(
+            record.source_path, root=self.root, rules=self.rules, name=record.name
         )
+        if isinstance(result, Invalid):
+            return result, None
+        try:
+            return result, self.store.create(result, self.rules)
+        except SnapshotError as err:
+            return result, err
+
+    def _check_all(self, records: list[AdapterRecord]) -> list[Checked]:
+        return [self._check(record) for record in records]
+
+    async def _inspect(
+        self, record: AdapterRecord, fp: object, checked: Checked | None = None
+    ) -> None:
+        name = record.name
+        if checked is None:
+            checked = await asyncio.to_thread(self._check, record)
+        result, made = checked
         record.settling = False
         record.validated_at = time.time()
         if isinstance(result, Invalid):
@@ -411,9 +437,8 @@ class Daemon:
             self._catalog_changed()
             return
         self.metrics.inspections.labels("valid").inc()
-        try:
-            snap = await asyncio.to_thread(self.store.create, result, self.rules)
-        except SnapshotError as err:
+        if isinstance(made, SnapshotError):
+            err = made
             if err.reason == "source_changed":
                 record.settling = True  # it is still being written: settle again
                 self._recheck_at(name, time.monotonic() + self.settings.settle_seconds)
@@ -424,6 +449,8 @@ class Daemon:
             log.error("snapshot_failed", adapter=name, reason=err.reason, message=err.message)
             self._catalog_changed()
             return  # fingerprint not recorded: the next rescan tries again
+        snap = made
+        assert snap is not None  # a valid folder always comes with a snapshot or an error
         record.fingerprint = fp
         record.reason = record.message = None
         previous = record.snapshot
@@ -447,14 +474,23 @@ class Daemon:
             r.wake()
 
     def _server_changed(self) -> None:
-        self._gc_due = True
         self._status_dirty = True
+        # Only a sync that changed what a server has loaded can free a snapshot: collecting
+        # after every sync walked every snapshot on disk (~1 s a minute at 10,000 adapters).
+        loaded = (
+            all(r.listed for r in self.reconcilers),
+            frozenset(p for r in self.reconcilers for p in r.actual.values()),
+        )
+        if loaded != self._loaded:
+            self._loaded = loaded
+            self._gc_due = True
 
     def _collect(self) -> None:
         """Remove snapshots no adapter points to and no server may be reading."""
         self._gc_due = False
         if not all(r.listed for r in self.reconcilers):
             return  # a server we never listed may still read an old snapshot
+        self._collect_after = time.monotonic() + self.settings.snapshot_grace_seconds
         keep = set(self.catalog.snapshot_paths())
         for r in self.reconcilers:
             keep.update(Path(p) for p in r.actual.values())
@@ -474,9 +510,18 @@ class Daemon:
             log.info("snapshot_removed", path=str(path))
 
 
-def _unchanged(root: Path, known: dict[str, object]) -> set[str]:
-    """The names whose folder still has the fingerprint recorded for it."""
-    return {name for name, fp in known.items() if fingerprint(root / name) == fp}
+def _read_fingerprint(root: Path, name: str) -> Fingerprint | None:
+    """The folder's fingerprint; None when it is gone or is no adapter (an org folder)."""
+    folder = root / name
+    fp = fingerprint(folder)
+    if fp and "/" not in name and is_org(folder):
+        fp = None  # it holds `org/name` adapters now: there is no adapter `name` any more
+    return fp
+
+
+def _read_fingerprints(root: Path, names: list[str]) -> list[Fingerprint | None]:
+    # `discover` has just told these adapters from org folders: no second `is_org` look.
+    return [fingerprint(root / name) for name in names]
 
 
 def run_daemon(settings: Settings) -> int:
