@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,15 +28,23 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from lorawarm.inspection import CONFIG_FILE, FileStat, Invalid, Rules, Valid, inspect_adapter
 
 DIGEST_CHARS = 32
 STAGING = ".staging"
+# `<snapshots>/.sources/<quoted name>`: which digest the adapter's files had, by their stat.
+SOURCES = ".sources"
+# A digest is remembered only for files whose ctime is this much older than the start of the
+# read: a write during or after the read moves ctime past it (ctime cannot be set by users,
+# and the kernel's coarse clock lags by milliseconds), so a remembered digest is never stale.
+STABLE_NS = 1_000_000_000
 TRASH = "gone-"  # prefix of a snapshot being removed, inside the staging dir
 # A staging folder whose writer holds no lock on it (the writer was killed) and that has not
 # changed for this long is removed; the delay covers the instant between mkdtemp and flock.
 ABANDONED_AGE = 10.0
+_TMP_RECORD = "%tmp-"  # never the start of a quoted name: `%` is always followed by hex there
 _DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
 _CHUNK = 1 << 20
 
@@ -82,7 +91,11 @@ class SnapshotStore:
         except ValueError:
             return None
         parts = rel.parts
-        if len(parts) not in (2, 3) or parts[0] == STAGING or not _DIGEST.fullmatch(parts[-1]):
+        if (
+            len(parts) not in (2, 3)
+            or parts[0] in (STAGING, SOURCES)
+            or not _DIGEST.fullmatch(parts[-1])
+        ):
             return None
         return "/".join(parts[:-1]), parts[-1]
 
@@ -92,7 +105,11 @@ class SnapshotStore:
         Raises `SnapshotError` when the source changed under us, when the copy does not pass
         inspection, or when the state dir cannot be written; nothing half-written is left.
         """
-        digest = _digest(adapter.path, adapter.files)
+        digest = self._remembered(adapter)
+        if digest is None:
+            started = time.time_ns()
+            digest = _digest(adapter.path, adapter.files)
+            self._remember(adapter, digest, started)
         final = self.path_for(adapter.name, digest)
         if _complete(final, adapter.files):
             return Snapshot(adapter.name, digest, final)
@@ -144,12 +161,59 @@ class SnapshotStore:
         _remove(tmp)
         return Snapshot(adapter.name, digest, final)
 
+    def _source_record(self, name: str) -> Path:
+        return self.root / SOURCES / quote(name, safe="")
+
+    def _remembered(self, adapter: Valid) -> str | None:
+        """The digest recorded for these very files (same inode, size, mtime and ctime), so
+        that a restart or a new vLLM process does not read every adapter's weights again."""
+        try:
+            record = json.loads(self._source_record(adapter.name).read_bytes())
+            files = {f.name: f for f in adapter.files}
+            if sorted(record["files"]) != sorted(files):
+                return None
+            for name, (size, mtime_ns, inode, ctime_ns) in record["files"].items():
+                st = os.stat(adapter.path / name)
+                seen = files[name]
+                if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (
+                    size,
+                    mtime_ns,
+                    inode,
+                    ctime_ns,
+                ) or (seen.size, seen.mtime_ns, seen.inode) != (size, mtime_ns, inode):
+                    return None
+            digest = record["digest"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None  # none yet, or unreadable: the digest is computed
+        return digest if isinstance(digest, str) and _DIGEST.fullmatch(digest) else None
+
+    def _remember(self, adapter: Valid, digest: str, started_ns: int) -> None:
+        """Record the digest of files that were not written since before the read began."""
+        files: dict[str, list[int]] = {}
+        try:
+            for f in adapter.files:
+                st = os.stat(adapter.path / f.name)
+                if st.st_ctime_ns >= started_ns - STABLE_NS or (
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                ) != (f.size, f.mtime_ns, f.inode):
+                    return  # written recently (or under us): computed again next time
+                files[f.name] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+            record = self._source_record(adapter.name)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f"{_TMP_RECORD}{os.getpid()}-{record.name}")
+            tmp.write_text(json.dumps({"digest": digest, "files": files}))
+            tmp.replace(record)  # no fsync: a lost or torn record only costs a digest
+        except OSError:
+            return  # a full or read-only state dir: the snapshot itself reports that
+
     def existing(self) -> Iterator[Snapshot]:
         """Every published snapshot on disk."""
         if not self.root.is_dir():
             return
         for first in _subdirs(self.root):
-            if first.name == STAGING:
+            if first.name in (STAGING, SOURCES):
                 continue
             for second in _subdirs(first):
                 # `org/<32 hex chars>` is a valid adapter name too: a snapshot is told apart
@@ -173,6 +237,7 @@ class SnapshotStore:
                     snap.path.parent.rmdir()  # only succeeds once the name has no snapshot left
                     if snap.path.parent.parent != self.root:
                         snap.path.parent.parent.rmdir()
+        self._forget_gone_names()
         staging = self.root / STAGING
         now = time.time()
         for leftover in _subdirs(staging):
@@ -186,6 +251,24 @@ class SnapshotStore:
                     _remove(leftover)
                     removed.append(leftover)
         return removed
+
+    def _forget_gone_names(self) -> None:
+        """Remove the digest records of names that have no snapshot left."""
+        try:
+            with os.scandir(self.root / SOURCES) as it:
+                records = [e.name for e in it]
+        except OSError:
+            return
+        now = time.time()
+        for entry in records:
+            path = self.root / SOURCES / entry
+            with contextlib.suppress(OSError):
+                if entry.startswith(_TMP_RECORD):  # left by a killed writer
+                    gone = now - path.stat().st_mtime > ABANDONED_AGE
+                else:
+                    gone = not (self.root / unquote(entry)).is_dir()
+                if gone:
+                    path.unlink()
 
 
 def _subdirs(path: Path) -> list[Path]:

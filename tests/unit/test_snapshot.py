@@ -435,3 +435,110 @@ def test_collect_removes_the_staging_folder_of_a_killed_copy(
     finally:
         os.close(lock)
     assert alive.is_dir()
+
+
+# --- remembered digests ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files count as written long ago (their ctime cannot be set back in a test)."""
+    monkeypatch.setattr(snapshot_module, "STABLE_NS", -(10**18))
+
+
+def inspected(root: Path, name: str = "x") -> Valid:
+    """The folder as it is now (`valid` writes it first)."""
+    result = inspect_adapter(root / name, root=root, rules=RULES, name=name)
+    assert isinstance(result, Valid), result
+    return result
+
+
+def count_digests(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every folder whose files are read for a digest."""
+    calls: list[Path] = []
+    original = snapshot_module._digest
+
+    def counting(folder: Path, files: tuple[snapshot_module.FileStat, ...]) -> str:
+        calls.append(folder)
+        return original(folder, files)
+
+    monkeypatch.setattr(snapshot_module, "_digest", counting)
+    return calls
+
+
+@pytest.mark.usefixtures("settled")
+def test_unchanged_files_are_not_read_again(
+    root: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart (a new store on the same state dir) finds the snapshot of unchanged, settled
+    files without reading their weights again; the org/name form too."""
+    first = [store.create(valid(root, name), RULES) for name in ("x", "org/y")]
+    reads = count_digests(monkeypatch)
+    again = SnapshotStore(store.root.parent)
+    assert [again.create(inspected(root, name), RULES) for name in ("x", "org/y")] == first
+    assert reads == []
+
+
+def test_files_written_just_now_are_read_again(
+    root: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the settled fixture the files' ctime is recent: nothing is remembered, because
+    a write in the same clock tick as the read would not show in the stat."""
+    snap = store.create(valid(root), RULES)
+    reads = count_digests(monkeypatch)
+    assert store.create(inspected(root), RULES) == snap
+    assert reads == [root / "x"]
+
+
+@pytest.mark.usefixtures("settled")
+def test_rewrite_keeping_size_and_mtime_is_not_missed(root: Path, store: SnapshotStore) -> None:
+    """New bytes written in place with the old size and mtime (rsync -t) change the ctime: the
+    remembered digest is not used, and the new content gets its own snapshot."""
+    old = store.create(valid(root), RULES)
+    weights = root / "x" / SAFETENSORS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a weight byte: the header still describes the file
+    time.sleep(0.01)  # past the filesystem's clock tick
+    rewrite_keeping_stat(weights, bytes(data))
+    new = store.create(inspected(root), RULES)
+    assert new.digest != old.digest
+    assert (new.path / SAFETENSORS).read_bytes() == bytes(data)
+
+
+@pytest.mark.usefixtures("settled")
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"",
+        b"{not json",
+        b"[]",
+        b'{"digest": "../../etc", "files": {}}',
+        b'{"digest": 3, "files": {"adapter_config.json": [1, 2, 3, 4]}}',
+        b'{"digest": "0123456789abcdef0123456789abcdef", "files": {"adapter_config.json": []}}',
+    ],
+)
+def test_a_broken_record_means_a_digest(
+    root: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch, record: bytes
+) -> None:
+    """A torn, foreign or hostile record is ignored: the files are read and the right
+    snapshot returned."""
+    snap = store.create(valid(root), RULES)
+    (store.root / snapshot_module.SOURCES / "x").write_bytes(record)
+    reads = count_digests(monkeypatch)
+    assert store.create(inspected(root), RULES) == snap
+    assert reads == [root / "x"]
+
+
+@pytest.mark.usefixtures("settled")
+def test_collect_forgets_the_records_of_gone_names(root: Path, store: SnapshotStore) -> None:
+    """Once a name has no snapshot left its record goes too, and so does a temporary record a
+    killed writer left; the records of names still present stay."""
+    keep = store.create(valid(root, "keep"), RULES)
+    store.create(valid(root, "org/gone"), RULES)
+    sources = store.root / snapshot_module.SOURCES
+    orphan = sources / f"{snapshot_module._TMP_RECORD}999-keep"
+    orphan.write_text("{}")
+    past = time.time() - 60
+    os.utime(orphan, (past, past))
+    store.collect([keep.path])
+    assert sorted(os.listdir(sources)) == ["keep"]
