@@ -90,7 +90,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._gc_due = False
-        self._loaded: object = None  # what the servers had loaded at the last sync
+        self._loaded: frozenset[str] = frozenset()  # snapshot paths loaded at the last sync
+        self._all_listed = False  # every server had been listed at the last sync
         self._collect_after = 0.0  # monotonic time of the next periodic collection
         self._status_dirty = True
         self._interrupts = 0
@@ -475,15 +476,14 @@ class Daemon:
 
     def _server_changed(self) -> None:
         self._status_dirty = True
-        # Only a sync that changed what a server has loaded can free a snapshot: collecting
-        # after every sync walked every snapshot on disk (~1 s a minute at 10,000 adapters).
-        loaded = (
-            all(r.listed for r in self.reconcilers),
-            frozenset(p for r in self.reconcilers for p in r.actual.values()),
-        )
-        if loaded != self._loaded:
-            self._loaded = loaded
+        # Only a sync after which a server no longer holds a snapshot (or the first time every
+        # server was listed) can free one: collecting after every sync or load walked every
+        # snapshot on disk (~1 s each at 10,000 adapters). The rest waits for the periodic one.
+        listed = all(r.listed for r in self.reconcilers)
+        loaded = frozenset(p for r in self.reconcilers for p in r.actual.values())
+        if (listed and not self._all_listed) or self._loaded - loaded:
             self._gc_due = True
+        self._all_listed, self._loaded = listed, loaded
 
     def _collect(self) -> None:
         """Remove snapshots no adapter points to and no server may be reading."""

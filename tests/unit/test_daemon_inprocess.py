@@ -465,6 +465,28 @@ async def test_collect_keeps_a_snapshot_whose_load_is_in_flight(
     assert not first.path.exists()
 
 
+async def test_collection_is_due_only_when_a_sync_can_free_a_snapshot(
+    make_daemon: MakeDaemon,
+) -> None:
+    """A collection walks every snapshot on disk: it is scheduled when every server has been
+    listed for the first time and when a server stops holding a snapshot, not after a load."""
+    daemon = make_daemon()
+    rec = daemon.reconcilers[0]
+    daemon._gc_due = False
+    daemon._server_changed()
+    assert not daemon._gc_due  # not listed yet: nothing may be collected
+    rec.listed, rec.actual = True, {"a": "/s/a/1"}
+    daemon._server_changed()
+    assert daemon._gc_due
+    daemon._gc_due = False
+    rec.actual = {"a": "/s/a/1", "b": "/s/b/1"}  # a load
+    daemon._server_changed()
+    assert not daemon._gc_due
+    rec.actual = {"a": "/s/a/2", "b": "/s/b/1"}  # a replaced: /s/a/1 may go
+    daemon._server_changed()
+    assert daemon._gc_due
+
+
 async def test_collect_survives_a_failing_store(
     make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
