@@ -19,7 +19,7 @@ from pathlib import Path
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
-def fingerprint(folder: Path) -> Fingerprint | None:
+def fingerprint(folder: str | Path) -> Fingerprint | None:
     """Stat data of the folder's top-level entries, or None when the folder is gone."""
     entries = []
     try:

@@ -508,8 +508,8 @@ async def test_collect_survives_a_failing_store(
 async def test_hint_consumer_applies_hints_and_collects(
     make_daemon: MakeDaemon, cache: Path
 ) -> None:
-    """The consumer task applies queued hints in batches and runs the snapshot collection
-    when it is due; a failing batch is logged and the loop goes on."""
+    """The consumer task applies queued hints in batches, and the collector task runs the
+    snapshot collection they made due; a failing batch is logged and the loop goes on."""
     daemon = make_daemon()
     real_apply = daemon._apply
     calls: list[list[Hint]] = []
@@ -523,6 +523,7 @@ async def test_hint_consumer_applies_hints_and_collects(
     daemon._apply = flaky  # type: ignore[method-assign]
     write_adapter(cache / "a")
     task = asyncio.create_task(daemon._consume())
+    collector = asyncio.create_task(daemon._collector())
     try:
         with capture_logs() as logs:
             daemon._queue.put_nowait(Hint(("a",), published=True))
@@ -537,7 +538,30 @@ async def test_hint_consumer_applies_hints_and_collects(
         assert record.valid
     finally:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        collector.cancel()
+        await asyncio.gather(task, collector, return_exceptions=True)
+
+
+async def test_collection_runs_as_soon_as_it_is_due(make_daemon: MakeDaemon, cache: Path) -> None:
+    """The first listing of every server frees what is unreferenced at once, without waiting
+    for a hint or the next resync."""
+    daemon = make_daemon(snapshot_grace_seconds=0)
+    write_adapter(cache / "a", seed=1)
+    await daemon.refresh("a", published=True)
+    old = snapshot_of(daemon, "a")
+    write_adapter(cache / "a", seed=2)
+    await daemon.refresh("a", published=True)
+    collector = asyncio.create_task(daemon._collector())
+    try:
+        await asyncio.sleep(0.05)
+        assert old.path.is_dir()  # no server listed yet
+        daemon.reconcilers[0].listed = True
+        daemon._server_changed()
+        await until(lambda: not old.path.exists())
+        assert snapshot_of(daemon, "a").path.is_dir()
+    finally:
+        collector.cancel()
+        await asyncio.gather(collector, return_exceptions=True)
 
 
 async def test_resync_timer_queues_full_rescans(make_daemon: MakeDaemon) -> None:
