@@ -22,7 +22,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,31 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: Every linear layer of a Llama block (what PEFT's "all-linear" picks, lm_head aside).
+ALL_LINEAR_MODULES: tuple[str, ...] = (
+    *DEFAULT_TARGET_MODULES,
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+#: The tiny model's shape (``transformers.LlamaConfig`` arguments).
+TINY_DIMS: Mapping[str, int] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+#: A larger model (~63 M parameters, 250 MB in float32) for benchmarks: a rank-64 adapter on
+#: :data:`ALL_LINEAR_MODULES` of it is ~54 MB, big enough for its load to matter.
+LARGE_DIMS: Mapping[str, int] = {
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
 
 _MODEL_SEED = 1234
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -67,7 +92,19 @@ def _is_complete(folder: Path, files: Sequence[str]) -> bool:
 
 
 def make_tiny_model(dest: Path) -> Path:
-    """Write a tiny random Llama with its own byte-level BPE tokenizer to ``dest``; return it.
+    """Write the tiny random Llama (:data:`TINY_DIMS`) to ``dest``; see :func:`make_model`."""
+    return make_model(dest, TINY_DIMS)
+
+
+def make_large_model(dest: Path) -> Path:
+    """Write the larger random Llama (:data:`LARGE_DIMS`) to ``dest``; see :func:`make_model`."""
+    return make_model(dest, LARGE_DIMS)
+
+
+def make_model(dest: Path, dims: Mapping[str, int]) -> Path:
+    """Write a random Llama of shape ``dims`` with its own byte-level BPE tokenizer to ``dest``.
+
+    Returns ``dest``.
 
     Deterministic for a given library version. Idempotent: a folder that already holds a complete
     model is returned untouched. The model is written to a temporary sibling folder and renamed,
@@ -105,11 +142,7 @@ def make_tiny_model(dest: Path) -> Path:
         )
 
         config = transformers.LlamaConfig(
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
+            **dims,
             vocab_size=len(tokenizer),
             max_position_embeddings=512,
             bos_token_id=tokenizer.bos_token_id,
