@@ -859,3 +859,59 @@ def test_config_growing_during_read_is_too_large(
     assert isinstance(result, Invalid)
     assert result.reason == Reason.CONFIG_TOO_LARGE
     assert "grew" in result.message
+
+
+def test_realpath_below_agrees_with_realpath(tmp_path: Path) -> None:
+    """The shortcut for `root/name` and `root/org/name` gives exactly what os.path.realpath
+    gives, through symlinked folders, orgs and roots, missing folders and odd spellings."""
+    real_root = tmp_path / "real-root"
+    (real_root / "plain").mkdir(parents=True)
+    (real_root / "org" / "name").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "x").mkdir(parents=True)
+    (real_root / "linked").symlink_to(tmp_path / "elsewhere" / "x")
+    (real_root / "linked-org").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "root-link").symlink_to(real_root)
+    relative = ("plain", "org/name", "linked", "linked-org/x", "missing", "org/missing")
+    odd = ("plain/../org", "./plain", "org//name", "org/name/deeper", "")
+    for root in (real_root, tmp_path / "root-link", Path(f"{real_root}/")):
+        resolved = os.path.realpath(root)
+        for rel in (*relative, *odd):
+            folder = Path(f"{root}/{rel}")
+            assert inspection._realpath_below(folder, root, resolved) == os.path.realpath(folder)
+        outside = tmp_path / "elsewhere" / "x"
+        assert inspection._realpath_below(outside, root, resolved) == os.path.realpath(outside)
+
+
+_JSON_NUMBERS = st.one_of(
+    st.integers(-3, 1 << 40), st.booleans(), st.floats(allow_nan=False), st.none(), st.text()
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    info=st.one_of(
+        st.fixed_dictionaries(
+            {
+                "dtype": st.sampled_from(["F32", "BF16", "F16", "I8", "X", 3]),
+                "shape": st.one_of(st.lists(_JSON_NUMBERS, max_size=3), _JSON_NUMBERS),
+                "data_offsets": st.one_of(st.lists(_JSON_NUMBERS, max_size=3), _JSON_NUMBERS),
+            }
+        ),
+        st.fixed_dictionaries(
+            {"dtype": st.just("F32"), "shape": st.lists(st.integers(0, 9), max_size=3)},
+            optional={"data_offsets": st.lists(st.integers(0, 3000), min_size=2, max_size=2)},
+        ),
+        _JSON_NUMBERS,
+    )
+)
+def test_tensor_span_fast_path_gives_the_checked_verdict(info: object) -> None:
+    """The one-pass check of a tensor entry accepts exactly what the step-by-step check
+    accepts, with the same span, and otherwise raises the step-by-step check's reason."""
+
+    def verdict(check: Callable[[str, object], tuple[int, int]]) -> object:
+        try:
+            return check("t", info)
+        except inspection._Reject as rejected:
+            return (rejected.reason, rejected.message)
+
+    assert verdict(inspection._tensor_span) == verdict(inspection._tensor_span_checked)
