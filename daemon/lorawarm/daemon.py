@@ -27,11 +27,11 @@ from lorawarm.metrics import Metrics
 from lorawarm.notify import Notifier
 from lorawarm.reconcile import ServerReconciler, ServerStatus
 from lorawarm.settings import EX_CONFIG, Settings
-from lorawarm.settle import Fingerprint, Settler, fingerprint
+from lorawarm.settle import Fingerprint, Settler, fingerprint, fingerprint_of
 from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotStore
 from lorawarm.status import create_app
 from lorawarm.vllm_client import VllmClient
-from lorawarm.watcher import Hint, Watcher, discover, is_org, resolve_hint
+from lorawarm.watcher import Hint, Watcher, is_org, resolve_hint, scan
 
 log = get_logger(__name__)
 
@@ -283,14 +283,14 @@ class Daemon:
         """Re-read the whole drop directory (level-triggered: catches any lost event)."""
         if not self._watch_drop_dir():
             return
-        found = await asyncio.to_thread(discover, self.root)
+        found = await asyncio.to_thread(scan, self.root)
         for name in sorted(self.catalog.names() - set(found)):
             await self.refresh(name)
         # Batched: one thread call reads every fingerprint, and the folders due for inspection
         # are inspected and snapshotted RESCAN_BATCH per thread call. One by one, the thread
         # hand-offs (four per folder) took most of the time of a scan of thousands of folders.
         names = sorted(found)
-        fps = await asyncio.to_thread(_read_fingerprints, self.root, names)
+        fps = await asyncio.to_thread(_read_fingerprints, self.root, names, found)
         due = [
             (record, fp)
             for name, fp in zip(names, fps, strict=True)
@@ -341,7 +341,7 @@ class Daemon:
             self._gc_wake.clear()
             async with self._fs_lock:
                 if self._gc_due:
-                    self._collect()
+                    await self._collect()
 
     async def _apply(self, hints: list[Hint]) -> None:
         published: dict[str, bool] = {}
@@ -502,7 +502,7 @@ class Daemon:
             self._collect_soon()
         self._all_listed, self._loaded = listed, loaded
 
-    def _collect(self) -> None:
+    async def _collect(self) -> None:
         """Remove snapshots no adapter points to and no server may be reading."""
         self._gc_due = False
         if not all(r.listed for r in self.reconcilers):
@@ -513,13 +513,13 @@ class Daemon:
             keep.update(Path(p) for p in r.actual.values())
             if r.loading is not None:
                 keep.add(Path(r.loading))  # vLLM may be reading it right now
-        now = time.time()
-        for snap in self.store.existing():
-            with contextlib.suppress(OSError):
-                if now - snap.path.stat().st_ctime < self.settings.snapshot_grace_seconds:
-                    keep.add(snap.path)
         try:
-            removed = self.store.collect(keep)
+            # In a thread: walking 10,000 snapshots took seconds, and the status API with it.
+            # Nothing can start to use an unreferenced snapshot meanwhile: rescans and
+            # refreshes wait for the lock the caller holds, and servers load what is in `keep`.
+            removed = await asyncio.to_thread(
+                self.store.collect, keep, grace=self.settings.snapshot_grace_seconds
+            )
         except OSError as err:
             log.warning("snapshot_collect_failed", error=str(err))
             return
@@ -536,11 +536,19 @@ def _read_fingerprint(root: Path, name: str) -> Fingerprint | None:
     return fp
 
 
-def _read_fingerprints(root: Path, names: list[str]) -> list[Fingerprint | None]:
-    # `discover` has just told these adapters from org folders: no second `is_org` look.
-    # Plain strings: a Path per folder was a tenth of an idle resync's time at 10,000.
+def _read_fingerprints(
+    root: Path, names: list[str], listings: dict[str, list[os.DirEntry[str]] | None]
+) -> list[Fingerprint | None]:
+    # `scan` has just told these adapters from org folders (no second `is_org` look) and
+    # listed the top-level ones: at 10,000 folders a second listing of each was a third of
+    # every periodic rescan. Plain strings: a Path per folder was another tenth.
     base = os.fspath(root)
-    return [fingerprint(f"{base}/{name}") for name in names]
+    return [
+        fingerprint(f"{base}/{name}")
+        if (listing := listings[name]) is None
+        else fingerprint_of(listing)
+        for name in names
+    ]
 
 
 def run_daemon(settings: Settings) -> int:

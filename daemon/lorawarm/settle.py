@@ -13,6 +13,7 @@ again, which keeps it testable without sleeping.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +22,26 @@ Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 def fingerprint(folder: str | Path) -> Fingerprint | None:
     """Stat data of the folder's top-level entries, or None when the folder is gone."""
-    entries = []
     try:
         with os.scandir(folder) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                entries.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+            listing = list(it)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError:
         # Unreadable folder: report it through inspection, which gives the reason.
         return ()
+    return fingerprint_of(listing)
+
+
+def fingerprint_of(listing: Iterable[os.DirEntry[str]]) -> Fingerprint:
+    """The fingerprint of a folder from a listing of it (`os.scandir`) already at hand."""
+    entries = []
+    for entry in listing:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue  # gone since the listing
+        entries.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(sorted(entries))
 
 

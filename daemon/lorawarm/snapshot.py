@@ -225,21 +225,27 @@ class SnapshotStore:
                     if _DIGEST.fullmatch(third.name):
                         yield Snapshot(f"{first.name}/{second.name}", third.name, third)
 
-    def collect(self, keep: Iterable[Path], *, staging_age: float = 3600.0) -> list[Path]:
-        """Remove snapshots not in `keep` (and stale staging dirs); return what was removed."""
+    def collect(
+        self, keep: Iterable[Path], *, grace: float = 0.0, staging_age: float = 3600.0
+    ) -> list[Path]:
+        """Remove snapshots not in `keep` and made more than `grace` seconds ago (the plugin
+        may be about to hand a new one to vLLM), and stale staging dirs; return what went."""
         kept = {Path(os.path.normpath(p)) for p in keep}
         removed = []
-        for snap in list(self.existing()):
-            if snap.path not in kept:
-                _discard(snap.path, self.root / STAGING)
-                removed.append(snap.path)
-                with contextlib.suppress(OSError):
-                    snap.path.parent.rmdir()  # only succeeds once the name has no snapshot left
-                    if snap.path.parent.parent != self.root:
-                        snap.path.parent.parent.rmdir()
-        self._forget_gone_names()
-        staging = self.root / STAGING
+        left: set[str] = set()  # names that still have a snapshot
         now = time.time()
+        for snap in list(self.existing()):
+            if snap.path in kept or _younger(snap.path, now - grace):
+                left.add(snap.name)
+                continue
+            _discard(snap.path, self.root / STAGING)
+            removed.append(snap.path)
+            with contextlib.suppress(OSError):
+                snap.path.parent.rmdir()  # only succeeds once the name has no snapshot left
+                if snap.path.parent.parent != self.root:
+                    snap.path.parent.parent.rmdir()
+        self._forget_records(keeping=left, now=now)
+        staging = self.root / STAGING
         for leftover in _subdirs(staging):
             with contextlib.suppress(OSError):
                 age = now - leftover.stat().st_mtime
@@ -252,23 +258,29 @@ class SnapshotStore:
                     removed.append(leftover)
         return removed
 
-    def _forget_gone_names(self) -> None:
+    def _forget_records(self, *, keeping: set[str], now: float) -> None:
         """Remove the digest records of names that have no snapshot left."""
         try:
             with os.scandir(self.root / SOURCES) as it:
                 records = [e.name for e in it]
         except OSError:
             return
-        now = time.time()
         for entry in records:
             path = self.root / SOURCES / entry
             with contextlib.suppress(OSError):
                 if entry.startswith(_TMP_RECORD):  # left by a killed writer
                     gone = now - path.stat().st_mtime > ABANDONED_AGE
                 else:
-                    gone = not (self.root / unquote(entry)).is_dir()
+                    gone = unquote(entry) not in keeping
                 if gone:
                     path.unlink()
+
+
+def _younger(path: Path, than: float) -> bool:
+    try:
+        return path.stat().st_ctime >= than
+    except OSError:
+        return True  # cannot tell: keep it for now
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -182,14 +182,22 @@ def discover(root: Path) -> dict[str, Path]:
     are ignored. A symlink at the top level is never descended into: it is one adapter name,
     which inspection judges (and refuses when it leads out of the drop directory).
     """
-    found: dict[str, Path] = {}
+    return {name: root / name for name in scan(root)}
+
+
+def scan(root: Path) -> dict[str, list[os.DirEntry[str]] | None]:
+    """`discover`'s names, each with the listing of its folder when this walk made one (a
+    top-level adapter: telling it from an organisation needs its listing anyway), so that its
+    fingerprint needs no second listing; None for the others."""
+    found: dict[str, list[os.DirEntry[str]] | None] = {}
     for top in _dirs(root):
-        children = [] if top.is_symlink() else _visible(Path(top.path))
+        listing = None if top.is_symlink() else _listing(top.path)
+        children = [e for e in listing or () if not e.name.startswith(".")]
         if _is_org(children):
             for child in children:
-                found[f"{top.name}/{child.name}"] = Path(child.path)
+                found[f"{top.name}/{child.name}"] = None
         else:
-            found[top.name] = Path(top.path)
+            found[top.name] = listing
     return found
 
 
@@ -236,8 +244,12 @@ def _dirs(root: Path) -> list[os.DirEntry[str]]:
 
 
 def _entries(path: Path) -> list[os.DirEntry[str]]:
+    return _listing(path) or []
+
+
+def _listing(path: str | Path) -> list[os.DirEntry[str]] | None:
     try:
         with os.scandir(path) as it:
             return list(it)
     except OSError:
-        return []
+        return None

@@ -89,9 +89,11 @@ def test_first_request_runs(ctx: BenchContext, capsys: pytest.CaptureFixture[str
 def test_scale_runs(ctx: BenchContext, capsys: pytest.CaptureFixture[str]) -> None:
     """scale times ready, RSS and idle CPU, and a burst is inspected and loaded exactly once."""
     args = ["--sizes", "12", "--burst", "6", "--idle-seconds", "1", "--warm-limit", "2"]
+    args += ["--restarts", "2", "--rescan-seconds", "1"]
     assert scale.main(args, ctx=ctx) == 0
     text = capsys.readouterr().out
     assert "| 12 |" in text, text
+    assert "12 folders: CPU in the 1 s after a SIGHUP rescan" in text, text
     assert "each inspected and loaded exactly once: yes" in text, text
 
 

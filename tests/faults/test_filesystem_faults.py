@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lorawarm.snapshot import SOURCES, STAGING
 from tests.support.daemon_proc import LorawarmProcess, wait_for
 from tests.support.fake_vllm_http import FakeVllmHttp
 from tests.unit.adapters import SAFETENSORS, write_adapter
@@ -75,7 +76,8 @@ def inspections(proc: LorawarmProcess) -> dict[str, float]:
 
 def snapshot_names(state: Path) -> set[str]:
     root = state / "snapshots"
-    return {p.name for p in root.iterdir() if p.name != ".staging"} if root.is_dir() else set()
+    hidden = {STAGING, SOURCES}  # copies in progress; remembered digests
+    return {p.name for p in root.iterdir() if p.name not in hidden} if root.is_dir() else set()
 
 
 def staging_leftovers(state: Path) -> list[str]:

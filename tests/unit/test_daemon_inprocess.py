@@ -389,7 +389,7 @@ async def test_collect_waits_until_every_server_was_listed(
     write_adapter(cache / "a", seed=2)
     await daemon.refresh("a", published=True)
     daemon.reconcilers[0].listed = True
-    daemon._collect()
+    await daemon._collect()
     assert old.path.is_dir()
     assert not daemon._gc_due
 
@@ -407,7 +407,7 @@ async def test_collect_keeps_referenced_and_recent_snapshots(
     await daemon.refresh("a", published=True)
     for r in daemon.reconcilers:
         r.listed = True
-    daemon._collect()
+    await daemon._collect()
     assert old.path.is_dir()
     assert snapshot_of(daemon, "a").path.is_dir()
 
@@ -435,7 +435,7 @@ async def test_collect_removes_old_unreferenced_snapshots(
     rec = daemon.reconcilers[0]
     rec.listed = True
     rec.actual = {"a": str(second.path)}  # the server still serves the previous one
-    daemon._collect()
+    await daemon._collect()
     assert not first.path.exists()
     assert second.path.is_dir()
     assert current.path.is_dir()
@@ -458,10 +458,10 @@ async def test_collect_keeps_a_snapshot_whose_load_is_in_flight(
     rec = daemon.reconcilers[0]
     rec.listed = True
     rec.loading = str(first.path)
-    daemon._collect()
+    await daemon._collect()
     assert first.path.is_dir()
     rec.loading = None
-    daemon._collect()
+    await daemon._collect()
     assert not first.path.exists()
 
 
@@ -499,7 +499,7 @@ async def test_collect_survives_a_failing_store(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(daemon.store, "collect", broken)
-    daemon._collect()
+    await daemon._collect()
 
 
 # --- the hint loop, the resync timer, signals ---------------------------------------------------

@@ -24,7 +24,8 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
-from lorawarm.watcher import Hint, Watcher, _Handler, discover, hint_for, resolve_hint
+from lorawarm.settle import fingerprint, fingerprint_of
+from lorawarm.watcher import Hint, Watcher, _Handler, discover, hint_for, resolve_hint, scan
 
 
 @pytest.fixture
@@ -182,6 +183,24 @@ def test_discover_follows_a_top_level_symlink(root: Path, tmp_path: Path) -> Non
     (tmp_path / "real" / "adapter_config.json").write_text("{}")
     (root / "link").symlink_to(tmp_path / "real")
     assert discover(root) == {"link": root / "link"}
+
+
+def test_scan_hands_over_the_listing_of_top_level_adapters(root: Path, tmp_path: Path) -> None:
+    """The rescan fingerprints top-level adapters from scan's own listing: it gives the same
+    fingerprint as a fresh look (dot entries included); org adapters and symlinks get none."""
+    make_tree(root)
+    (root / "plain" / ".editor-swap").write_text("x")
+    (tmp_path / "real").mkdir()
+    (root / "link").symlink_to(tmp_path / "real")
+    found = scan(root)
+    assert set(found) == {*discover(root)}
+    assert found["org/x"] is None
+    assert found["link"] is None
+    for name in ("plain", "empty", "mixed"):
+        listing = found[name]
+        assert listing is not None
+        assert fingerprint_of(listing) == fingerprint(root / name)
+    assert ".editor-swap" in [e[0] for e in fingerprint_of(found["plain"] or [])]
 
 
 def test_discover_of_missing_root_is_empty(tmp_path: Path) -> None:
