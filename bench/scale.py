@@ -4,9 +4,11 @@ settle period as after a restart):
 
 - cold start: `lorawarm run` with an empty state directory, from process start to `/readyz`
   (scan + inspect + snapshot copy of every folder), and the daemon's own `ready` seconds;
-- restart: the same again with the snapshots in place (scan + inspect + digest, no copying);
-- after the restart: RSS, peak RSS, and idle CPU over `--idle-seconds` (60) once the reconciler
-  has warmed its `--warm-limit` (8) adapters, from /proc/<pid>/stat.
+- restart: the same again with the snapshots in place (scan + inspect, digests remembered, no
+  copying), `--restarts` (5) times: the median counts;
+- after the last restart: RSS, peak RSS, and idle CPU over `--idle-seconds` (60) once the
+  reconciler has warmed its `--warm-limit` (8) adapters, from /proc/<pid>/stat; then the CPU
+  time of one full rescan (asked for with SIGHUP), what every `LORAWARM_RESYNC_SECONDS` costs.
 
 Then a burst: 1,000 folders renamed into an empty drop directory at once (no warm limit), each
 of which must be inspected exactly once (`lorawarm_inspections_total`) and loaded exactly once
@@ -22,6 +24,7 @@ import argparse
 import itertools
 import os
 import shutil
+import signal
 import statistics
 import time
 from collections.abc import Sequence
@@ -67,6 +70,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle window (60)")
     parser.add_argument("--warm-limit", type=int, default=8, help="LORAWARM_WARM_LIMIT (8)")
     parser.add_argument("--rank", type=int, default=8, help="rank of the adapters (8)")
+    parser.add_argument(
+        "--rescan-seconds", type=float, default=10.0, help="window after the SIGHUP rescan (10)"
+    )
+    parser.add_argument(
+        "--restarts", type=int, default=5, help="restarts timed per size; the median counts (5)"
+    )
     parser.add_argument(
         "--resync-seconds", type=float, default=60.0, help="LORAWARM_RESYNC_SECONDS (60, default)"
     )
@@ -143,21 +152,27 @@ def measure_size(
     setup = populate(source, drop, names, age=3600)
     figures: dict[str, Any] = {"folders": size, "populate_s": setup}
     settings = {"WARM_LIMIT": str(args.warm_limit), "RESYNC_SECONDS": str(args.resync_seconds)}
-    for phase in ("cold", "restart"):
-        daemon = lorawarm(drop, state, [ctx.url], log_path=base / f"{phase}.log", **settings)
+    restarts = max(args.restarts, 1)
+    phases = ["cold"] + ["restart"] * restarts
+    samples: dict[str, list[tuple[float, float]]] = {"cold": [], "restart": []}
+    for run, phase in enumerate(phases):
+        last = run == len(phases) - 1
+        daemon = lorawarm(drop, state, [ctx.url], log_path=base / f"{phase}-{run}.log", **settings)
         try:
             ready = time_ready(daemon, client)
-            figures[f"{phase}_ready_s"] = ready
-            figures[f"{phase}_ready_internal_s"] = internal_ready(daemon)
+            samples[phase].append((ready, internal_ready(daemon)))
+            ready, internal = (statistics.median(x) for x in zip(*samples[phase], strict=True))
+            figures[f"{phase}_ready_s"], figures[f"{phase}_ready_internal_s"] = ready, internal
+            figures[f"{phase}_ready_samples_s"] = [round(r, 3) for r, _ in samples[phase]]
             assert daemon.process is not None
             pid = daemon.process.pid
             figures[f"{phase}_rss_at_ready_mb"] = memory_kib(pid)["VmRSS"] / 1024
             print(
-                f"{size} folders, {phase}: ready after {ready:.2f} s "
-                f"(daemon's scan {figures[f'{phase}_ready_internal_s']:.2f} s)",
+                f"{size} folders, {phase}: ready after {samples[phase][-1][0]:.2f} s "
+                f"(daemon's scan {samples[phase][-1][1]:.2f} s)",
                 flush=True,
             )
-            if phase == "restart":
+            if last:
                 warmup = wait_loaded(daemon, client, min(args.warm_limit, size), timeout=300)
                 figures["warmup_s"] = warmup
                 counts = client.get(f"{daemon.status_url}/v1/adapters").json()["counts"]
@@ -173,6 +188,17 @@ def measure_size(
                     f"{size} folders: idle CPU {figures['idle_cpu_percent']:.2f} % over "
                     f"{t1 - t0:.0f} s, RSS {figures['rss_mb']:.0f} MB "
                     f"(peak {figures['peak_rss_mb']:.0f} MB); states {counts}",
+                    flush=True,
+                )
+                # What one periodic rescan costs (SIGHUP asks for one): idle CPU is about
+                # this over resync_seconds, plus the health probes.
+                cpu0 = cpu_seconds(pid)
+                os.kill(pid, signal.SIGHUP)
+                time.sleep(args.rescan_seconds)
+                figures["rescan_cpu_s"] = cpu_seconds(pid) - cpu0
+                print(
+                    f"{size} folders: CPU in the {args.rescan_seconds:g} s after a SIGHUP rescan "
+                    f"{figures['rescan_cpu_s']:.2f} s",
                     flush=True,
                 )
         finally:
@@ -274,9 +300,11 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 f"{s['folders']:,}",
                 f"{s['cold_ready_s']:.2f} s ({s['cold_ready_internal_s']:.2f} s)",
                 f"{s['restart_ready_s']:.2f} s ({s['restart_ready_internal_s']:.2f} s)",
+                " / ".join(f"{r:.2f}" for r in s["restart_ready_samples_s"]),
                 f"{s['rss_mb']:.0f} MB",
                 f"{s['peak_rss_mb']:.0f} MB",
                 f"{s['idle_cpu_percent']:.2f} %",
+                f"{s['rescan_cpu_s']:.2f} s",
             ]
         )
     print(
@@ -284,10 +312,12 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
             [
                 "folders",
                 "cold start -> /readyz (daemon's scan), snapshots copied",
-                "restart -> /readyz (daemon's scan), snapshots in place",
+                "restart -> /readyz (daemon's scan), snapshots in place, median",
+                "restart samples (s)",
                 "RSS",
                 "peak RSS",
                 f"idle CPU ({args.idle_seconds:g} s)",
+                f"CPU of one rescan (SIGHUP, {args.rescan_seconds:g} s window)",
             ],
             rows,
         )
