@@ -492,7 +492,7 @@ class Reasons(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if "is not served" in record.msg:
-            self.by_name[str(record.args[0])] = str(record.args[1])  # type: ignore[index]
+            self.by_name[str(record.args[0])] = str(record.args[1])  # type: ignore[index]  # args is a tuple here
 
 
 def test_corpus_through_the_plugin(

@@ -520,7 +520,7 @@ async def test_hint_consumer_applies_hints_and_collects(
             raise RuntimeError("boom")
         await real_apply(hints)
 
-    daemon._apply = flaky  # type: ignore[method-assign]
+    daemon._apply = flaky  # type: ignore[method-assign]  # the test wraps it
     write_adapter(cache / "a")
     task = asyncio.create_task(daemon._consume())
     collector = asyncio.create_task(daemon._collector())
@@ -712,7 +712,7 @@ def test_status_of_something_that_is_not_lorawarm(capsys: pytest.CaptureFixture[
 
     real = httpx.Client
 
-    class Mocked(real):  # type: ignore[misc,valid-type]
+    class Mocked(real):  # type: ignore[misc,valid-type]  # a class chosen at run time
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(transport=httpx.MockTransport(handler), **kwargs)
 

@@ -148,7 +148,7 @@ def test_backoff_stays_between_half_the_ceiling_and_the_cap(
     attempts: int, cap: float, base: float, seed: int
 ) -> None:
     """The delay is never above the cap and at least half of min(cap, base * 2^(n-1))."""
-    delay = backoff(attempts, cap, base=base, rng=random.Random(seed))  # noqa: S311
+    delay = backoff(attempts, cap, base=base, rng=random.Random(seed))  # noqa: S311 - seeded test jitter
     ceiling = min(cap, base * 2.0 ** min(max(attempts - 1, 0), 62))
     assert delay <= cap
     assert ceiling / 2 <= delay <= ceiling
@@ -161,8 +161,8 @@ def test_backoff_stays_between_half_the_ceiling_and_the_cap(
 )
 def test_backoff_grows_with_attempts(attempts: int, cap: float, seed: int) -> None:
     """With the same jitter, one more attempt never waits less."""
-    first = backoff(attempts, cap, rng=random.Random(seed))  # noqa: S311
-    second = backoff(attempts + 1, cap, rng=random.Random(seed))  # noqa: S311
+    first = backoff(attempts, cap, rng=random.Random(seed))  # noqa: S311 - seeded test jitter
+    second = backoff(attempts + 1, cap, rng=random.Random(seed))  # noqa: S311 - seeded test jitter
     assert second >= first
 
 

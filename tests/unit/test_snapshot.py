@@ -32,7 +32,7 @@ def store(tmp_path: Path) -> SnapshotStore:
 
 
 def valid(root: Path, name: str = "x", **kwargs: object) -> Valid:
-    folder = write_adapter(root / name, **kwargs)  # type: ignore[arg-type]
+    folder = write_adapter(root / name, **kwargs)  # type: ignore[arg-type]  # keyword pass-through
     result = inspect_adapter(folder, root=root, rules=RULES)
     assert isinstance(result, Valid), result
     return result
