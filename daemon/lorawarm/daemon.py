@@ -291,6 +291,7 @@ class Daemon:
         # hand-offs (four per folder) took most of the time of a scan of thousands of folders.
         names = sorted(found)
         fps = await asyncio.to_thread(_read_fingerprints, self.root, names, found)
+        del found  # 10,000 listings are megabytes: not kept through the inspections
         due = [
             (record, fp)
             for name, fp in zip(names, fps, strict=True)
