@@ -72,6 +72,14 @@ def snapshot_of(daemon: Daemon, name: str) -> Snapshot:
     return record.snapshot
 
 
+async def publish(daemon: Daemon, cache: Path, *, seed: int, name: str = "a") -> Snapshot:
+    """Write adapter `name` (content by `seed`), hand the daemon its publish hint, and return
+    the snapshot it made."""
+    write_adapter(cache / name, seed=seed)
+    await daemon.refresh(name, published=True)
+    return snapshot_of(daemon, name)
+
+
 async def until(check: Callable[[], bool], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -198,12 +206,8 @@ async def test_deleted_adapter_is_removed(make_daemon: MakeDaemon, cache: Path) 
 async def test_modified_adapter_gets_a_new_snapshot(make_daemon: MakeDaemon, cache: Path) -> None:
     """New weights give a new snapshot path; the old snapshot is left for collection."""
     daemon = make_daemon()
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    old = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=2)
-    await daemon.refresh("a", published=True)
-    new = snapshot_of(daemon, "a")
+    old = await publish(daemon, cache, seed=1)
+    new = await publish(daemon, cache, seed=2)
     assert new.path != old.path
     assert new.digest != old.digest
     assert old.path.is_dir()
@@ -230,11 +234,8 @@ async def test_same_content_rewritten_keeps_the_snapshot(
 ) -> None:
     """Rewriting identical bytes (new mtimes) is re-inspected but keeps the same snapshot."""
     daemon = make_daemon()
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    before = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
+    before = await publish(daemon, cache, seed=1)
+    await publish(daemon, cache, seed=1)
     assert snapshot_of(daemon, "a") == before
 
 
@@ -383,11 +384,8 @@ async def test_collect_waits_until_every_server_was_listed(
     """Nothing is collected before every reconciler listed its server once: a server never
     listed may still read an old snapshot."""
     daemon = make_daemon(vllm_urls=[UNREACHABLE, "http://127.0.0.1:10"], snapshot_grace_seconds=0)
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    old = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=2)
-    await daemon.refresh("a", published=True)
+    old = await publish(daemon, cache, seed=1)
+    await publish(daemon, cache, seed=2)
     daemon.reconcilers[0].listed = True
     await daemon._collect()
     assert old.path.is_dir()
@@ -400,11 +398,8 @@ async def test_collect_keeps_referenced_and_recent_snapshots(
     """With every server listed, snapshots younger than snapshot_grace_seconds survive even
     when nothing refers to them (the plugin may be about to hand one to vLLM)."""
     daemon = make_daemon(snapshot_grace_seconds=300)
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    old = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=2)
-    await daemon.refresh("a", published=True)
+    old = await publish(daemon, cache, seed=1)
+    await publish(daemon, cache, seed=2)
     for r in daemon.reconcilers:
         r.listed = True
     await daemon._collect()
@@ -418,15 +413,9 @@ async def test_collect_removes_old_unreferenced_snapshots(
     """Past the grace period, a snapshot neither the catalog nor any server refers to is
     removed; the catalog's and the ones a server lists as loaded are kept."""
     daemon = make_daemon(snapshot_grace_seconds=0)
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    first = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=2)
-    await daemon.refresh("a", published=True)
-    second = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=3)
-    await daemon.refresh("a", published=True)
-    current = snapshot_of(daemon, "a")
+    first = await publish(daemon, cache, seed=1)
+    second = await publish(daemon, cache, seed=2)
+    current = await publish(daemon, cache, seed=3)
     write_adapter(cache / "org" / "b")
     await daemon.refresh("org/b", published=True)
     b = snapshot_of(daemon, "org/b")
@@ -450,11 +439,8 @@ async def test_collect_keeps_a_snapshot_whose_load_is_in_flight(
     answer or listing since) is kept: vLLM may be reading it, and deleting files under a load
     can kill its engine. The next listing releases it."""
     daemon = make_daemon(snapshot_grace_seconds=0)
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    first = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=2)
-    await daemon.refresh("a", published=True)
+    first = await publish(daemon, cache, seed=1)
+    await publish(daemon, cache, seed=2)
     rec = daemon.reconcilers[0]
     rec.listed = True
     rec.loading = str(first.path)
@@ -546,11 +532,8 @@ async def test_collection_runs_as_soon_as_it_is_due(make_daemon: MakeDaemon, cac
     """The first listing of every server frees what is unreferenced at once, without waiting
     for a hint or the next resync."""
     daemon = make_daemon(snapshot_grace_seconds=0)
-    write_adapter(cache / "a", seed=1)
-    await daemon.refresh("a", published=True)
-    old = snapshot_of(daemon, "a")
-    write_adapter(cache / "a", seed=2)
-    await daemon.refresh("a", published=True)
+    old = await publish(daemon, cache, seed=1)
+    await publish(daemon, cache, seed=2)
     collector = asyncio.create_task(daemon._collector())
     try:
         await asyncio.sleep(0.05)
