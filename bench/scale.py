@@ -6,9 +6,10 @@ settle period as after a restart):
   (scan + inspect + snapshot copy of every folder), and the daemon's own `ready` seconds;
 - restart: the same again with the snapshots in place (scan + inspect, digests remembered, no
   copying), `--restarts` (5) times: the median counts;
-- after the last restart: RSS, peak RSS, and idle CPU over `--idle-seconds` (60) once the
-  reconciler has warmed its `--warm-limit` (8) adapters, from /proc/<pid>/stat; then the CPU
-  time of one full rescan (asked for with SIGHUP), what every `LORAWARM_RESYNC_SECONDS` costs.
+- after the last restart: the CPU from ready until the start-up work is done (the reconciler
+  has warmed its `--warm-limit` (8) adapters and the first snapshot collection has run); then
+  idle CPU over `--idle-seconds` (60), RSS and peak RSS, from /proc/<pid>; then the CPU time of
+  one full rescan (asked for with SIGHUP), what every `LORAWARM_RESYNC_SECONDS` costs.
 
 Then a burst: 1,000 folders renamed into an empty drop directory at once (no warm limit), each
 of which must be inspected exactly once (`lorawarm_inspections_total`) and loaded exactly once
@@ -129,6 +130,16 @@ def internal_ready(daemon: LorawarmProcess) -> float:
     return float(events[-1]["seconds"]) if events else float("nan")
 
 
+def wait_event(daemon: LorawarmProcess, event: str, timeout: float) -> dict[str, Any]:
+    """The first log line of `event`, waiting for it up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (events := log_events(daemon, event)):
+        if time.monotonic() > deadline:
+            raise BenchError(f"no {event!r} in lorawarm's log after {timeout:.0f} s")
+        time.sleep(0.2)
+    return events[0]
+
+
 def wait_loaded(daemon: LorawarmProcess, client: httpx.Client, count: int, timeout: float) -> float:
     """Wait until the daemon's (only) server reports `count` adapters loaded; return seconds."""
     started = time.perf_counter()
@@ -173,8 +184,20 @@ def measure_size(
                 flush=True,
             )
             if last:
+                cpu_ready = cpu_seconds(pid)
                 warmup = wait_loaded(daemon, client, min(args.warm_limit, size), timeout=300)
                 figures["warmup_s"] = warmup
+                # The start-up collection (every snapshot on disk walked once, after the first
+                # listing) is start-up work: the idle window opens once it has finished.
+                collected = wait_event(daemon, "snapshots_collected", timeout=300)
+                figures["startup_collect_s"] = float(collected["seconds"])
+                figures["startup_cpu_s"] = cpu_seconds(pid) - cpu_ready
+                print(
+                    f"{size} folders: from ready to quiet {figures['startup_cpu_s']:.2f} s of CPU "
+                    f"(warm-up of {min(args.warm_limit, size)}, and the start-up collection, "
+                    f"{figures['startup_collect_s']:.2f} s)",
+                    flush=True,
+                )
                 counts = client.get(f"{daemon.status_url}/v1/adapters").json()["counts"]
                 figures["counts"] = counts
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -303,6 +326,7 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 " / ".join(f"{r:.2f}" for r in s["restart_ready_samples_s"]),
                 f"{s['rss_mb']:.0f} MB",
                 f"{s['peak_rss_mb']:.0f} MB",
+                f"{s['startup_cpu_s']:.2f} s",
                 f"{s['idle_cpu_percent']:.2f} %",
                 f"{s['rescan_cpu_s']:.2f} s",
             ]
@@ -316,6 +340,7 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 "restart samples (s)",
                 "RSS",
                 "peak RSS",
+                "CPU from ready to quiet (warm-up, start-up collection)",
                 f"idle CPU ({args.idle_seconds:g} s)",
                 f"CPU of one rescan (SIGHUP, {args.rescan_seconds:g} s window)",
             ],

@@ -514,6 +514,7 @@ class Daemon:
             keep.update(Path(p) for p in r.actual.values())
             if r.loading is not None:
                 keep.add(Path(r.loading))  # vLLM may be reading it right now
+        started = time.monotonic()
         try:
             # In a thread: walking 10,000 snapshots took seconds, and the status API with it.
             # Nothing can start to use an unreferenced snapshot meanwhile: rescans and
@@ -526,6 +527,11 @@ class Daemon:
             return
         for path in removed:
             log.info("snapshot_removed", path=str(path))
+        log.info(
+            "snapshots_collected",
+            removed=len(removed),
+            seconds=round(time.monotonic() - started, 3),
+        )
 
 
 def _read_fingerprint(root: Path, name: str) -> Fingerprint | None:

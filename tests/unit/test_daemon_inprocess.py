@@ -424,7 +424,10 @@ async def test_collect_removes_old_unreferenced_snapshots(
     rec = daemon.reconcilers[0]
     rec.listed = True
     rec.actual = {"a": str(second.path)}  # the server still serves the previous one
-    await daemon._collect()
+    with capture_logs() as logs:
+        await daemon._collect()
+    collected = [e for e in logs if e["event"] == "snapshots_collected"]
+    assert [e["removed"] for e in collected] == [2]  # told once, with what went
     assert not first.path.exists()
     assert second.path.is_dir()
     assert current.path.is_dir()
