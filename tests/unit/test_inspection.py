@@ -834,7 +834,7 @@ def test_file_vanishing_during_scan_is_ignored(root: Path, monkeypatch: pytest.M
     def stat_after_delete(path: object, *args: object, **kwargs: object) -> os.stat_result:
         if str(path).endswith("vanishing.tmp"):
             raise FileNotFoundError(2, "No such file or directory")
-        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]  # passed through  # table rows mix types
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]  # passed through
 
     monkeypatch.setattr(inspection.os, "stat", stat_after_delete)
     result = inspect(folder, root)
