@@ -146,6 +146,10 @@ class ServerReconciler:
 
     def wake(self) -> None:
         """Ask for a re-plan soon (the catalog changed)."""
+        if self.status.condition not in (ServerCondition.OK, ServerCondition.UNKNOWN):
+            # The server is failing (in its backoff, maybe for a minute): an adapter that became
+            # valid meanwhile is told why it waits now, not at the next attempt.
+            self._mark_waiting(self.status.condition, self.status.message)
         self._wake.set()
 
     async def run(self) -> None:
@@ -231,14 +235,18 @@ class ServerReconciler:
             Condition.TIMEOUT,
             Condition.ENGINE_DEAD,
         )
+        self._mark_waiting(err.condition, err.message)
+        self._set_condition(err.condition, err.message, healthy=healthy)
+
+    def _mark_waiting(self, condition: str, message: str | None) -> None:
+        """Every valid adapter loaded or waiting here is pending, because of `condition`."""
         for record in self.catalog:
             if record.valid:
                 entry = record.server(self.url)
                 if entry.state in (ServerState.LOADED, ServerState.PENDING):
                     entry.state = ServerState.PENDING
-                    entry.condition = err.condition
-                    entry.last_error = err.message
-        self._set_condition(err.condition, err.message, healthy=healthy)
+                    entry.condition = condition
+                    entry.last_error = message
 
     async def sync(self) -> None:
         """List the server's adapters, plan, and run the plan one operation at a time."""

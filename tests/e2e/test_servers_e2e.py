@@ -114,8 +114,11 @@ def test_api_key_is_used_and_a_missing_one_is_reported(
             lambda: _server(d, keyed.url)["condition"] == "unauthorized",
             what="the server to be reported unauthorized",
         )
-        doc = d.adapter("key-a")
-        assert doc is not None
+        # The adapter may settle after the server failed: it shows the condition once valid.
+        doc = wait_for(
+            lambda: (a := d.adapter("key-a")) is not None and a["servers"] and a,
+            what="key-a to be valid and to have a per-server entry",
+        )
         assert doc["servers"][0]["state"] == "pending"
         assert doc["servers"][0]["condition"] == "unauthorized"
         assert "key-a" not in lora_models(keyed.url, API_KEY)

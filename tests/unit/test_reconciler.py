@@ -708,6 +708,22 @@ async def test_unauthorized_marks_the_server_and_every_pending_adapter(
     assert not rec.listed
 
 
+async def test_an_adapter_valid_during_the_backoff_says_why_it_waits(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """An adapter that becomes valid while its server is failing (and backing off) shows the
+    server's condition at once, not only after the next attempt."""
+    cat = adapters.catalog("a")
+    fake = FakeVllm(api_key="sk-right")
+    rec = make(fake, cat, api_key="sk-wrong")
+    await rec.sync()
+    calls = len(fake.calls)
+    cat.add(adapters.record("late", mtime=2000.0))
+    rec.wake()
+    assert entry_state(cat, "late") == (ServerState.PENDING, "unauthorized")
+    assert len(fake.calls) == calls  # told from what is known: no request for it
+
+
 async def test_right_api_key_is_accepted(adapters: Adapters, make: MakeReconciler) -> None:
     """With the server's key every call is authorised and the adapters load."""
     cat = adapters.catalog("a")
