@@ -1,20 +1,28 @@
 """Catalog: what lorawarm knows of every adapter folder, and the warm set it implies.
 
-One `AdapterRecord` per adapter name found in the drop directory. The record holds the last
-inspection verdict and the snapshot vLLM should load; each server's reconciler writes its own
-`ServerAdapter` entry (loaded, failed, ...). The catalog is owned by the asyncio loop: it is
-never touched from another thread.
+One `AdapterRecord` per adapter name found in the drop directory: the last inspection verdict
+and the snapshot vLLM should load. Its only writer is the intake (`lorawarm.intake`), on the
+asyncio loop. Every change bumps `Catalog.version` (what the status shows) and a change of a
+snapshot also `warm_version` (what the servers should hold), so that readers can tell in O(1)
+whether anything changed; the warm set is computed once per `warm_version`, not once per load,
+and subscribed events (the reconcilers') are set when it changes.
+
+What an adapter is on each server is not stored here: each server's reconciler owns that and
+answers `outcome(record)`; `adapter_state` joins the two when the status is read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from lorawarm.snapshot import Snapshot
+from lorawarm.inspection import Reason
+from lorawarm.snapshot import Snapshot, SnapshotReason
+from lorawarm.vllm_client import Condition
 
 
 class AdapterState(StrEnum):
@@ -37,66 +45,84 @@ class ServerState(StrEnum):
     COLD = "cold"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerAdapter:
-    """One adapter on one server, as that server's reconciler last saw it."""
+    """One adapter on one server, as that server's reconciler sees it now."""
 
     state: ServerState = ServerState.PENDING
     attempts: int = 0
     last_error: str | None = None
-    condition: str | None = None
+    condition: Condition | None = None
     loaded_path: str | None = None
     loaded_at: float | None = None
 
 
 @dataclass
 class AdapterRecord:
+    """One adapter folder. `snapshot` is what vLLM is given: the last content that was valid.
+
+    `reason`/`message` say why the folder's *current* content is not served. With no snapshot
+    that makes the adapter invalid (or failed, for a snapshot error); with one, the previous
+    valid version stays served until the folder is valid again or deleted.
+    """
+
     name: str
     source_path: Path
     first_seen: float = field(default_factory=time.time)
     changed_at: float = field(default_factory=time.time)
     changed_mono: float = field(default_factory=time.monotonic)
     settling: bool = True
-    reason: str | None = None
+    reason: Reason | SnapshotReason | None = None
     message: str | None = None
     snapshot: Snapshot | None = None
     newest_mtime: float = 0.0
     validated_at: float | None = None
     fingerprint: object = None
-    servers: dict[str, ServerAdapter] = field(default_factory=dict)
 
     @property
-    def valid(self) -> bool:
-        return self.snapshot is not None and self.reason is None
+    def servable(self) -> bool:
+        """It has a snapshot vLLM may load (maybe an older one than the folder holds now)."""
+        return self.snapshot is not None
 
-    def server(self, url: str) -> ServerAdapter:
-        return self.servers.setdefault(url, ServerAdapter())
 
-    def state(self, urls: list[str]) -> AdapterState:
-        if self.reason is not None and self.snapshot is None:
-            return AdapterState.INVALID if self.validated_at else AdapterState.FAILED
-        if self.snapshot is None:
+def adapter_state(record: AdapterRecord, per_server: Sequence[ServerAdapter]) -> AdapterState:
+    """The overall state: the record's verdict joined with what each server says of it."""
+    if record.snapshot is None:
+        if record.reason is None:
             return AdapterState.SETTLING
-        per = [self.servers.get(u, ServerAdapter()).state for u in urls]
-        if per and all(s is ServerState.LOADED for s in per):
-            return AdapterState.LOADED
-        if any(s is ServerState.FAILED for s in per):
+        if isinstance(record.reason, SnapshotReason):
             return AdapterState.FAILED
-        if per and all(s is ServerState.COLD for s in per):
-            return AdapterState.COLD
-        return AdapterState.PENDING
+        return AdapterState.INVALID
+    states = [s.state for s in per_server]
+    if states and all(s is ServerState.LOADED for s in states):
+        return AdapterState.LOADED
+    if any(s is ServerState.FAILED for s in states):
+        return AdapterState.FAILED
+    if states and all(s is ServerState.COLD for s in states):
+        return AdapterState.COLD
+    return AdapterState.PENDING
 
 
 class Catalog:
     """All records, plus the warm-set policy (pinned first, then newest, up to the limit)."""
 
-    def __init__(self, *, pinned: list[str], warm_limit: int | None) -> None:
+    def __init__(self, *, pinned: Iterable[str], warm_limit: int | None) -> None:
         self.pinned = list(pinned)
         self.warm_limit = warm_limit
+        self.version = 0
+        self.warm_version = 0
+        self._subscribers: list[asyncio.Event] = []
         self._records: dict[str, AdapterRecord] = {}
+        self._released: dict[str, float] = {}  # snapshot path -> when no record pointed to it
+        self._paths: dict[str, int] = {}  # snapshot path -> records pointing to it
+        self._cached_at = -1
+        self._desired: list[tuple[str, str]] = []
+        self._desired_map: dict[str, str] = {}
+        self._sorted_at = -1
+        self._sorted: list[AdapterRecord] = []
 
     def __iter__(self) -> Iterator[AdapterRecord]:
-        return iter(sorted(self._records.values(), key=lambda r: r.name))
+        return iter(self._records.values())
 
     def __len__(self) -> int:
         return len(self._records)
@@ -104,18 +130,92 @@ class Catalog:
     def get(self, name: str) -> AdapterRecord | None:
         return self._records.get(name)
 
-    def add(self, record: AdapterRecord) -> None:
-        self._records[record.name] = record
-
-    def remove(self, name: str) -> AdapterRecord | None:
-        return self._records.pop(name, None)
-
     def names(self) -> set[str]:
         return set(self._records)
 
-    def desired(self) -> list[tuple[str, str]]:
-        """The warm set as (name, snapshot path), in load order."""
-        valid = {r.name: r for r in self._records.values() if r.valid}
+    def by_name(self) -> list[AdapterRecord]:
+        """Every record sorted by name (kept until the next change)."""
+        if self._sorted_at != self.version:
+            self._sorted = sorted(self._records.values(), key=lambda r: r.name)
+            self._sorted_at = self.version
+        return self._sorted
+
+    # -- writes (the intake only) ---------------------------------------------------------
+    def subscribe(self, event: asyncio.Event) -> None:
+        """Set `event` whenever the warm set may have changed."""
+        self._subscribers.append(event)
+
+    def add(self, record: AdapterRecord) -> None:
+        self._records[record.name] = record
+        self._hold(record.snapshot)
+        self._bump(warm=record.snapshot is not None)
+
+    def remove(self, name: str) -> AdapterRecord | None:
+        record = self._records.pop(name, None)
+        if record is not None:
+            self._release(record.snapshot)
+            self._bump(warm=record.snapshot is not None)
+        return record
+
+    def set_snapshot(
+        self, record: AdapterRecord, snapshot: Snapshot | None, *, newest_mtime: float = 0.0
+    ) -> None:
+        """Point `record` at another snapshot (or none; `newest_mtime` orders the warm set);
+        the old one is released now."""
+        if record.snapshot == snapshot:
+            moved = record.newest_mtime != newest_mtime and snapshot is not None
+            record.newest_mtime = newest_mtime if snapshot is not None else record.newest_mtime
+            self._bump(warm=moved)  # identical bytes rewritten: newer, maybe warmer
+            return
+        self._release(record.snapshot)
+        record.snapshot = snapshot
+        record.newest_mtime = newest_mtime
+        self._hold(snapshot)
+        self._bump(warm=True)
+
+    def touch(self) -> None:
+        """A record changed in a way only the status shows (verdict, settling)."""
+        self._bump(warm=False)
+
+    def _bump(self, *, warm: bool) -> None:
+        self.version += 1
+        if warm:
+            self.warm_version += 1
+            for event in self._subscribers:
+                event.set()
+
+    def _hold(self, snapshot: Snapshot | None) -> None:
+        if snapshot is not None:
+            path = str(snapshot.path)
+            self._paths[path] = self._paths.get(path, 0) + 1
+            self._released.pop(path, None)
+
+    def _release(self, snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            return
+        path = str(snapshot.path)
+        left = self._paths.get(path, 0) - 1
+        if left > 0:
+            self._paths[path] = left
+            return
+        self._paths.pop(path, None)
+        self._released[path] = time.time()
+
+    # -- reads ------------------------------------------------------------------------------
+    def desired(self) -> Sequence[tuple[str, str]]:
+        """The warm set as (name, snapshot path), in load order; computed once per version."""
+        self._refresh()
+        return self._desired
+
+    def desired_paths(self) -> Mapping[str, str]:
+        """The warm set as name -> snapshot path."""
+        self._refresh()
+        return self._desired_map
+
+    def _refresh(self) -> None:
+        if self._cached_at == self.warm_version:
+            return
+        valid = {r.name: r for r in self._records.values() if r.snapshot is not None}
         order = [valid[n] for n in self.pinned if n in valid]
         pinned = {r.name for r in order}
         rest = sorted(
@@ -125,7 +225,24 @@ class Catalog:
         order.extend(rest)
         if self.warm_limit is not None:
             order = order[: max(self.warm_limit, len(pinned))]
-        return [(r.name, str(r.snapshot.path)) for r in order if r.snapshot is not None]
+        self._desired = [(r.name, str(r.snapshot.path)) for r in order if r.snapshot is not None]
+        self._desired_map = dict(self._desired)
+        self._cached_at = self.warm_version
 
-    def snapshot_paths(self) -> set[Path]:
-        return {r.snapshot.path for r in self._records.values() if r.snapshot is not None}
+    # -- the collector's protocol -----------------------------------------------------------
+    @property
+    def listed(self) -> bool:
+        return True
+
+    def snapshots_in_use(self) -> set[str]:
+        """Every snapshot path a record points to."""
+        return set(self._paths)
+
+    def released(self) -> Mapping[str, float]:
+        """Snapshot paths no record points to any more, with the wall time that happened."""
+        return self._released
+
+    def forget_released(self, paths: Iterable[str]) -> None:
+        """The collector removed these: nothing to remember of them."""
+        for path in paths:
+            self._released.pop(path, None)

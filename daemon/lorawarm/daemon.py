@@ -1,46 +1,46 @@
-"""The daemon: wires watcher -> settle -> inspect -> catalog -> snapshot -> reconcilers -> status.
+r"""The supervisor: builds intake, reconcilers, collector and status API, runs them, and owns
+signals, the shutdown deadline and the exit code. Nothing else.
 
-Everything runs on one asyncio loop. The watchdog thread only hands hints to the loop; blocking
-work (inspection, snapshot copies) runs in `asyncio.to_thread`. Signals only set flags:
-SIGTERM/SIGINT stop (a second SIGINT exits at once), SIGHUP rescans the drop directory.
+    drop dir -> intake -> catalog -> reconcilers (one per vLLM server) -> vLLM
+                             \-> collector <- reconcilers       status API reads them all
+
+Everything runs on one asyncio loop. Signals only set flags: SIGTERM/SIGINT stop (a second
+SIGINT exits at once), SIGHUP rescans the drop directory. A part that crashes stops the daemon
+with exit code 70 (EX_SOFTWARE), so that systemd's `Restart=on-failure` restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
 import signal
 import socket
-import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import uvicorn
 
-from lorawarm.catalog import AdapterRecord, Catalog
-from lorawarm.inspection import Invalid, Result, inspect_adapter
+from lorawarm.catalog import AdapterState, Catalog, adapter_state
+from lorawarm.collector import Collector, SnapshotUser
+from lorawarm.intake import Intake
 from lorawarm.logs import configure, get_logger
 from lorawarm.metrics import Metrics
 from lorawarm.notify import Notifier
-from lorawarm.reconcile import ServerReconciler, ServerStatus
+from lorawarm.reconcile import ServerReconciler
 from lorawarm.settings import EX_CONFIG, Settings
-from lorawarm.settle import Fingerprint, Settler, fingerprint, fingerprint_of
-from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotStore
+from lorawarm.snapshot import SnapshotStore
 from lorawarm.status import create_app
-from lorawarm.vllm_client import VllmClient
-from lorawarm.watcher import Hint, Watcher, is_org, resolve_hint, scan
+from lorawarm.vllm_client import Condition, VllmClient
 
 log = get_logger(__name__)
 
 SHUTDOWN_DEADLINE = 10.0
-# Folders inspected and snapshotted per thread call during a rescan.
-RESCAN_BATCH = 64
-
-# What `Daemon._check` found: the inspection, then the snapshot (or why there is none).
-Checked = tuple[Result, Snapshot | SnapshotError | None]
+EX_SOFTWARE = 70  # a part of the daemon crashed: a bug, restart us
 
 
 class _StatusServer(uvicorn.Server):
@@ -52,7 +52,7 @@ class _StatusServer(uvicorn.Server):
 
 
 class Daemon:
-    """One lorawarm process: owns the catalog, the watcher, the reconcilers and the status API."""
+    """One lorawarm process. The parts are public attributes, for the status API and tests."""
 
     def __init__(
         self,
@@ -61,16 +61,14 @@ class Daemon:
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        if settings.cache_dir is None:
-            raise ValueError("cache_dir is required to run the daemon")
         self.settings = settings
-        self.root = Path(os.path.abspath(settings.cache_dir))
-        self.rules = settings.rules()
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or Notifier()
         self.store = SnapshotStore(settings.state_dir)
         self.catalog = Catalog(pinned=settings.pinned, warm_limit=settings.warm_limit)
-        self.metrics = metrics or Metrics()
-        self.settler = Settler(settings.settle_seconds)
-        self.notifier = notifier or Notifier()
+        self.intake = Intake(
+            settings, self.catalog, self.store, self.metrics, rules=settings.rules()
+        )
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         self.reconcilers = [
             ServerReconciler(
@@ -81,48 +79,74 @@ class Daemon:
                 resync_seconds=settings.resync_seconds,
                 health_seconds=settings.health_seconds,
                 max_backoff=settings.max_backoff_seconds,
-                on_change=self._server_changed,
             )
             for url in settings.vllm_urls
         ]
-        self._ready = False
-        self._queue: asyncio.Queue[Hint] = asyncio.Queue()
-        self._stop = asyncio.Event()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._gc_due = False
-        # Collection runs in its own task as soon as it is due (waiting for the next hint put
-        # it into the first resync after a start, up to a minute late), never during a rescan
-        # or a refresh: those may be about to reuse a snapshot that looks unreferenced.
-        self._gc_wake = asyncio.Event()
-        self._fs_lock = asyncio.Lock()
-        self._loaded: frozenset[str] = frozenset()  # snapshot paths loaded at the last sync
-        self._all_listed = False  # every server had been listed at the last sync
-        self._collect_after = 0.0  # monotonic time of the next periodic collection
-        self._status_dirty = True
-        self._interrupts = 0
-        self._watcher: Watcher | None = None
-        self._root_id: tuple[int, int] | None = None
-        self.drop_dir_ok = True
-        self._drop_dir_probe: asyncio.Task[None] | None = None
+        users: dict[str, SnapshotUser] = {"catalog": self.catalog}
+        users.update((r.url, r) for r in self.reconcilers)
+        self.collector = Collector(
+            self.store,
+            users,
+            self.metrics,
+            grace=settings.snapshot_grace_seconds,
+            lock=self.intake.lock,
+        )
+        self.ready = False
         self.status_port: int | None = None
+        self._stop = asyncio.Event()
+        self._interrupts = 0
+        self._closed = False
 
-    # -- StatusSource -----------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
+    # -- what the status API reads ----------------------------------------------------------
     @property
     def server_urls(self) -> list[str]:
         return [r.url for r in self.reconcilers]
 
-    def server_statuses(self) -> Sequence[ServerStatus]:
-        return [r.status for r in self.reconcilers]
+    @property
+    def servers(self) -> Sequence[ServerReconciler]:
+        return self.reconcilers
+
+    @property
+    def drop_dir_ok(self) -> bool:
+        return self.intake.drop_dir_ok
+
+    @property
+    def watch_problem(self) -> str | None:
+        return self.intake.watch_problem
+
+    @property
+    def collection_held(self) -> Mapping[str, str]:
+        return self.collector.held
+
+    def states(self) -> dict[str, AdapterState]:
+        """Every adapter's overall state, by name."""
+        return {
+            record.name: adapter_state(
+                record, [o for r in self.reconcilers if (o := r.outcome(record)) is not None]
+            )
+            for record in self.catalog
+        }
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: adapters by state, servers that are ok."""
+        counts: dict[str, int] = {}
+        for state in self.states().values():
+            counts[state] = counts.get(state, 0) + 1
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+        ok = sum(1 for r in self.reconcilers if r.status.condition == Condition.OK)
+        return f"adapters: {parts}; servers ok: {ok}/{len(self.reconcilers)}"
 
     # -- lifecycle --------------------------------------------------------------------------
     def request_stop(self) -> None:
+        """What SIGTERM does: stop, draining within the shutdown deadline."""
         self._stop.set()
 
-    def _on_sigint(self) -> None:
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def interrupt(self) -> None:
+        """What SIGINT does: stop; a second one exits at once."""
         self._interrupts += 1
         if self._interrupts > 1:
             log.warning("second_interrupt_exiting_now")
@@ -134,18 +158,28 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
-            (signal.SIGINT, self._on_sigint),
-            (signal.SIGHUP, self.rescan_soon),
+            (signal.SIGINT, self.interrupt),
+            (signal.SIGHUP, self.intake.rescan_soon),
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
 
         server, server_task = self._start_status_server()
         tasks: list[asyncio.Task[None]] = []
+        code = 0
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             started = time.monotonic()
-            await self.rescan()
-            self._ready = True
+            # The first scan may take a minute at 10,000 folders: a stop is honoured meanwhile.
+            scan = asyncio.create_task(self.intake.rescan(), name="first scan")
+            await asyncio.wait([scan, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not scan.done():
+                self.intake.stop()
+                scan.cancel()
+                await asyncio.wait([scan], timeout=SHUTDOWN_DEADLINE)
+                return 0
+            scan.result()
+            self.ready = True
             log.info(
                 "ready",
                 adapters=len(self.catalog),
@@ -155,50 +189,41 @@ class Daemon:
             tasks = [
                 asyncio.create_task(r.run(), name=f"reconcile {r.url}") for r in self.reconcilers
             ]
-            tasks.append(asyncio.create_task(self._consume(), name="hints"))
-            tasks.append(asyncio.create_task(self._collector(), name="collect"))
-            tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+            tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
+            tasks.append(asyncio.create_task(self.collector.run(), name="collect"))
             tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
             self.notifier.ready(self.summary())
             for r in self.reconcilers:
                 r.wake()
-            stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.error("task_crashed", task=task.get_name(), error=repr(task.exception()))
-            stop.cancel()
+                    code = EX_SOFTWARE
         finally:
+            stop.cancel()
             log.info("stopping")
             self.notifier.stopping()
-            if self._watcher is not None:
-                self._watcher.stop()
+            self.intake.stop()
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=SHUTDOWN_DEADLINE)
-            for r in self.reconcilers:
-                await r.client.aclose()
+            await self.aclose()
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server_task, timeout=5)
-            if self._drop_dir_probe is not None:
-                self._drop_dir_probe.cancel()
-            for timer in self._timers.values():
-                timer.cancel()
-        log.info("stopped")
-        return 0
+        log.info("stopped", code=code)
+        return code
 
-    def summary(self) -> str:
-        """One line for systemd's STATUS=: adapters by state, servers that are ok."""
-        urls = self.server_urls
-        counts: dict[str, int] = {}
-        for record in self.catalog:
-            state = record.state(urls)
-            counts[state] = counts.get(state, 0) + 1
-        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
-        ok = sum(1 for r in self.reconcilers if r.status.condition == "ok")
-        return f"adapters: {parts}; servers ok: {ok}/{len(self.reconcilers)}"
+    async def aclose(self) -> None:
+        """Stop the watcher and timers and close the vLLM clients (run() does this too)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.intake.stop()
+        for r in self.reconcilers:
+            await r.client.aclose()
 
     async def _heartbeat(self) -> None:
         """WATCHDOG=1 from the event loop itself (a wedged loop stops the pings and systemd
@@ -206,11 +231,13 @@ class Daemon:
         every = self.notifier.watchdog_seconds
         interval = min(every / 2, 5.0) if every else 5.0
         last = ""
+        seen: tuple[int, ...] = ()
         while True:
             if every:
                 self.notifier.watchdog()
-            if self._status_dirty:  # summary() visits every adapter: ~50 ms at 10,000
-                self._status_dirty = False
+            versions = (self.catalog.version, *(r.version for r in self.reconcilers))
+            if versions != seen:  # summary() visits every adapter: ~50 ms at 10,000
+                seen = versions
                 line = self.summary()
                 if line != last:
                     self.notifier.status(line)
@@ -235,327 +262,28 @@ class Daemon:
         task = asyncio.create_task(server.serve(sockets=[sock]), name="status")
         return server, task
 
-    # -- the drop directory -----------------------------------------------------------------
-    def rescan_soon(self) -> None:
-        self._queue.put_nowait(Hint(()))
 
-    def _watch_drop_dir(self) -> bool:
-        """(Re)start the observer when the drop directory is new, replaced or the observer died.
-
-        Returns False while the drop directory is missing. A missing drop directory (deleted,
-        an unmounted network filesystem) is not taken to mean "every adapter was deleted":
-        the catalog and the servers are left as they are until it is back.
-        """
+def lock_state_dir(state_dir: Path) -> int | None:
+    """Hold `<state>/lorawarm.lock` for the life of the process; the pid of the holder's
+    process (or 0) when another daemon holds it. Two daemons on one state dir would collect
+    each other's snapshots."""
+    path = state_dir / "lorawarm.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            os.close(fd)
+            raise
         try:
-            st = self.root.stat()
-        except OSError:
-            st = None
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            if self.drop_dir_ok:
-                log.error("drop_dir_missing", path=str(self.root))
-                self.drop_dir_ok = False
-                self._drop_dir_probe = asyncio.get_running_loop().create_task(
-                    self._await_drop_dir(), name="drop dir probe"
-                )
-            if self._watcher is not None:
-                self._watcher.stop()
-                self._watcher = None
-            return False
-        if not self.drop_dir_ok:
-            log.info("drop_dir_back", path=str(self.root))
-            self.drop_dir_ok = True
-        root_id = (st.st_dev, st.st_ino)
-        if self._watcher is None or not self._watcher.alive or root_id != self._root_id:
-            if self._watcher is not None:
-                self._watcher.stop()
-            self._watcher = Watcher(
-                self.root,
-                asyncio.get_running_loop(),
-                self._queue,
-                polling=self.settings.polling,
-                poll_seconds=self.settings.poll_seconds,
-            )
-            self._watcher.start()
-            self._root_id = root_id
-        return True
-
-    async def rescan(self, published: frozenset[str] = frozenset()) -> None:
-        """Re-read the whole drop directory (level-triggered: catches any lost event)."""
-        if not self._watch_drop_dir():
-            return
-        found = await asyncio.to_thread(scan, self.root)
-        for name in sorted(self.catalog.names() - set(found)):
-            await self.refresh(name)
-        # Batched: one thread call reads every fingerprint, and the folders due for inspection
-        # are inspected and snapshotted RESCAN_BATCH per thread call. One by one, the thread
-        # hand-offs (four per folder) took most of the time of a scan of thousands of folders.
-        names = sorted(found)
-        fps = await asyncio.to_thread(_read_fingerprints, self.root, names, found)
-        del found  # 10,000 listings are megabytes: not kept through the inspections
-        due = [
-            (record, fp)
-            for name, fp in zip(names, fps, strict=True)
-            if (record := self._observe(name, fp, published=name in published)) is not None
-        ]
-        for start in range(0, len(due), RESCAN_BATCH):
-            batch = due[start : start + RESCAN_BATCH]
-            checked = await asyncio.to_thread(self._check_all, [r for r, _ in batch])
-            for (record, fp), outcome in zip(batch, checked, strict=True):
-                await self._inspect(record, fp, outcome)
-        if time.monotonic() >= self._collect_after:
-            self._collect_soon()  # unreferenced snapshots past their grace period
-
-    async def _resync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.resync_seconds)
-            self.rescan_soon()
-
-    async def _await_drop_dir(self) -> None:
-        """While the drop directory is missing, look for it every second."""
-        # Polling on purpose: nothing can notify us of a directory that does not exist yet.
-        while True:
-            if await asyncio.to_thread(self.root.is_dir):
-                self.rescan_soon()
-                return
-            await asyncio.sleep(1.0)
-
-    async def _consume(self) -> None:
-        while True:
-            hints = [await self._queue.get()]
-            while not self._queue.empty():
-                hints.append(self._queue.get_nowait())
-            log.debug("hints", hints=[("/".join(h.parts), h.published) for h in hints][:20])
-            try:
-                async with self._fs_lock:
-                    await self._apply(hints)
-            except Exception:  # one bad hint must not stop the daemon: log it, go on
-                log.exception("hint_failed")
-            self._status_dirty = True  # a folder may have started settling
-
-    def _collect_soon(self) -> None:
-        self._gc_due = True
-        self._gc_wake.set()
-
-    async def _collector(self) -> None:
-        while True:
-            await self._gc_wake.wait()
-            self._gc_wake.clear()
-            async with self._fs_lock:
-                if self._gc_due:
-                    await self._collect()
-
-    async def _apply(self, hints: list[Hint]) -> None:
-        published: dict[str, bool] = {}
-        full = False
-        for hint in hints:
-            names = await asyncio.to_thread(resolve_hint, self.root, hint)
-            if names is None:
-                full = True
-                continue
-            if not (self.root / hint.parts[0]).exists():
-                prefix = hint.parts[0] + "/"
-                names += [n for n in self.catalog.names() if n.startswith(prefix)]
-            elif hint.parts[0] in self.catalog.names() and hint.parts[0] not in names:
-                names.append(hint.parts[0])  # an adapter folder that may have become an org
-            for name in names:
-                # A rename publishes the folder it names (or an org's adapters below it),
-                # never the adapter that a renamed sub-folder sits in.
-                under = tuple(name.split("/"))[: len(hint.parts)] == hint.parts
-                published[name] = published.get(name, False) or (hint.published and under)
-        if full:
-            await self.rescan(frozenset(n for n, p in published.items() if p))
-            return
-        for name, was_published in published.items():
-            await self.refresh(name, published=was_published)
-
-    async def refresh(self, name: str, *, published: bool = False) -> None:
-        """Bring one adapter's record up to date with its folder."""
-        fp = await asyncio.to_thread(_read_fingerprint, self.root, name)
-        record = self._observe(name, fp, published=published)
-        if record is not None:
-            await self._inspect(record, fp)
-
-    def _observe(
-        self, name: str, fp: Fingerprint | None, *, published: bool
-    ) -> AdapterRecord | None:
-        """Take the folder's fingerprint into its record; the record when it is due for
-        inspection now (new or changed, and settled or published)."""
-        folder = self.root / name
-        record = self.catalog.get(name)
-        if fp is None and not self.root.is_dir():
-            self.rescan_soon()  # the drop directory itself is gone: see _watch_drop_dir
-            return None
-        if fp is None:
-            self.settler.forget(name)
-            if record is not None:
-                self.catalog.remove(name)
-                log.info("adapter_removed", adapter=name)
-                self._catalog_changed()
-            return None
-        if record is None:
-            record = AdapterRecord(name=name, source_path=folder)
-            self.catalog.add(record)
-        elif record.fingerprint == fp and not record.settling and record.reason != "unreadable":
-            # Permissions are not in the fingerprint: an unreadable folder is inspected again
-            # on every hint and rescan, so the chmod/chown that fixes it is taken.
-            return None
-        if not record.settling:
-            record.settling = True
-            record.changed_at = time.time()
-            record.changed_mono = time.monotonic()
-        if not self.settler.observe(
-            name, fp, now=time.monotonic(), wall=time.time(), published=published
-        ):
-            self._recheck_at(name, self.settler.due(name))
-            return None
-        return record
-
-    def _recheck_at(self, name: str, due: float | None) -> None:
-        if due is None:
-            return
-        old = self._timers.pop(name, None)
-        if old is not None:
-            old.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(due - time.monotonic(), 0) + 0.05
-        parts = tuple(name.split("/"))
-        self._timers[name] = loop.call_later(delay, self._queue.put_nowait, Hint(parts))
-
-    def _check(self, record: AdapterRecord) -> Checked:
-        """Inspect the folder and, when valid, snapshot it: the blocking part of `_inspect`."""
-        result = inspect_adapter(
-            record.source_path, root=self.root, rules=self.rules, name=record.name
-        )
-        if isinstance(result, Invalid):
-            return result, None
-        try:
-            return result, self.store.create(result, self.rules)
-        except SnapshotError as err:
-            return result, err
-
-    def _check_all(self, records: list[AdapterRecord]) -> list[Checked]:
-        return [self._check(record) for record in records]
-
-    async def _inspect(
-        self, record: AdapterRecord, fp: object, checked: Checked | None = None
-    ) -> None:
-        name = record.name
-        if checked is None:
-            checked = await asyncio.to_thread(self._check, record)
-        result, made = checked
-        record.settling = False
-        record.validated_at = time.time()
-        if isinstance(result, Invalid):
-            self.metrics.inspections.labels("invalid").inc()
-            record.fingerprint = fp
-            record.reason, record.message = str(result.reason), result.message
-            record.snapshot = None
-            log.warning(
-                "adapter_invalid", adapter=name, reason=record.reason, message=result.message
-            )
-            self._catalog_changed()
-            return
-        self.metrics.inspections.labels("valid").inc()
-        if isinstance(made, SnapshotError):
-            err = made
-            if err.reason == "source_changed":
-                record.settling = True  # it is still being written: settle again
-                self._recheck_at(name, time.monotonic() + self.settings.settle_seconds)
-                return
-            record.validated_at = None
-            record.reason, record.message = err.reason, err.message
-            record.snapshot = None
-            log.error("snapshot_failed", adapter=name, reason=err.reason, message=err.message)
-            self._catalog_changed()
-            return  # fingerprint not recorded: the next rescan tries again
-        snap = made
-        assert snap is not None  # a valid folder always comes with a snapshot or an error
-        record.fingerprint = fp
-        record.reason = record.message = None
-        previous = record.snapshot
-        record.snapshot = snap
-        record.newest_mtime = result.newest_mtime_ns / 1e9
-        if previous is None or previous.path != snap.path:
-            log.info(
-                "adapter_valid",
-                adapter=name,
-                digest=snap.digest,
-                rank=result.rank,
-                snapshot=str(snap.path),
-                replaces=str(previous.path) if previous else None,
-            )
-            self._catalog_changed()
-
-    def _catalog_changed(self) -> None:
-        self._collect_soon()
-        self._status_dirty = True
-        for r in self.reconcilers:
-            r.wake()
-
-    def _server_changed(self) -> None:
-        self._status_dirty = True
-        # Only a sync after which a server no longer holds a snapshot (or the first time every
-        # server was listed) can free one: collecting after every sync or load walked every
-        # snapshot on disk (~1 s each at 10,000 adapters). The rest waits for the periodic one.
-        listed = all(r.listed for r in self.reconcilers)
-        loaded = frozenset(p for r in self.reconcilers for p in r.actual.values())
-        if (listed and not self._all_listed) or self._loaded - loaded:
-            self._collect_soon()
-        self._all_listed, self._loaded = listed, loaded
-
-    async def _collect(self) -> None:
-        """Remove snapshots no adapter points to and no server may be reading."""
-        self._gc_due = False
-        if not all(r.listed for r in self.reconcilers):
-            return  # a server we never listed may still read an old snapshot
-        self._collect_after = time.monotonic() + self.settings.snapshot_grace_seconds
-        keep = set(self.catalog.snapshot_paths())
-        for r in self.reconcilers:
-            keep.update(Path(p) for p in r.actual.values())
-            if r.loading is not None:
-                keep.add(Path(r.loading))  # vLLM may be reading it right now
-        started = time.monotonic()
-        try:
-            # In a thread: walking 10,000 snapshots took seconds, and the status API with it.
-            # Nothing can start to use an unreferenced snapshot meanwhile: rescans and
-            # refreshes wait for the lock the caller holds, and servers load what is in `keep`.
-            removed = await asyncio.to_thread(
-                self.store.collect, keep, grace=self.settings.snapshot_grace_seconds
-            )
-        except OSError as err:
-            log.warning("snapshot_collect_failed", error=str(err))
-            return
-        for path in removed:
-            log.info("snapshot_removed", path=str(path))
-        log.info(
-            "snapshots_collected",
-            removed=len(removed),
-            seconds=round(time.monotonic() - started, 3),
-        )
-
-
-def _read_fingerprint(root: Path, name: str) -> Fingerprint | None:
-    """The folder's fingerprint; None when it is gone or is no adapter (an org folder)."""
-    folder = root / name
-    fp = fingerprint(folder)
-    if fp and "/" not in name and is_org(folder):
-        fp = None  # it holds `org/name` adapters now: there is no adapter `name` any more
-    return fp
-
-
-def _read_fingerprints(
-    root: Path, names: list[str], listings: dict[str, list[os.DirEntry[str]] | None]
-) -> list[Fingerprint | None]:
-    # `scan` has just told these adapters from org folders (no second `is_org` look) and
-    # listed the top-level ones: at 10,000 folders a second listing of each was a third of
-    # every periodic rescan. Plain strings: a Path per folder was another tenth.
-    base = os.fspath(root)
-    return [
-        fingerprint(f"{base}/{name}")
-        if (listing := listings[name]) is None
-        else fingerprint_of(listing)
-        for name in names
-    ]
+            holder = int(os.pread(fd, 32, 0).decode().strip() or 0)
+        except (OSError, ValueError):
+            holder = 0
+        os.close(fd)
+        return holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return None
 
 
 def run_daemon(settings: Settings) -> int:
@@ -581,6 +309,23 @@ def run_daemon(settings: Settings) -> int:
         print(
             f"lorawarm: configuration error: LORAWARM_STATE_DIR (state_dir): cannot create "
             f"{settings.state_dir}: {err.strerror}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    try:
+        holder = lock_state_dir(settings.state_dir)
+    except OSError as err:
+        print(
+            f"lorawarm: configuration error: LORAWARM_STATE_DIR (state_dir): cannot lock "
+            f"{settings.state_dir}: {err.strerror}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    if holder is not None:
+        print(
+            f"lorawarm: configuration error: another lorawarm (pid {holder or 'unknown'}) runs "
+            f"on the state dir {settings.state_dir}; give each daemon its own "
+            "LORAWARM_STATE_DIR",
             file=sys.stderr,
         )
         return EX_CONFIG

@@ -44,6 +44,12 @@ class Metrics:
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.collection_held = Gauge(
+            "lorawarm_collection_held",
+            "1 while snapshot collection waits for this server (never listed yet).",
+            ["server"],
+            registry=r,
+        )
         self.inspections = Counter(
             "lorawarm_inspections",
             "Adapter folders inspected, by verdict.",

@@ -5,9 +5,13 @@
 loaded by anyone else (a root outside our snapshot dir) are never touched, and one of ours that
 collides with such a name is reported as a conflict instead of being loaded.
 
-`ServerReconciler` runs the plan for one server, one operation at a time (loads stall
-generation), with capped exponential backoff and jitter, and re-plans after every change, on the
-resync timer and whenever the server becomes healthy again (a vLLM restart loses every adapter).
+`ServerReconciler` owns everything lorawarm knows of one server: its condition and backoff,
+what it lists, each adapter's retries and outcome there. It reads the catalog and writes
+nothing outside itself; the status API asks it `outcome(record)` when it is read, and the
+collector asks which snapshots it uses. It runs the plan one operation at a time (loads stall
+generation), with capped exponential backoff and jitter, and re-plans only when the catalog
+changed (its version), on the resync timer and whenever the server comes back healthy (a vLLM
+restart loses every adapter): one load costs O(1) of loop time, not a walk of the catalog.
 """
 
 from __future__ import annotations
@@ -16,17 +20,19 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from lorawarm.catalog import Catalog, ServerState
+from lorawarm.catalog import AdapterRecord, Catalog, ServerAdapter, ServerState
 from lorawarm.logs import get_logger
 from lorawarm.metrics import Metrics
 from lorawarm.snapshot import SnapshotStore
 from lorawarm.vllm_client import Condition, LoadResult, VllmClient, VllmError
 
 log = get_logger(__name__)
+
+# A server that cannot be reached, or that answers nothing in time, is down (not just busy).
+_DOWN = frozenset({Condition.UNREACHABLE, Condition.TIMEOUT, Condition.ENGINE_DEAD})
 
 
 @dataclass(frozen=True)
@@ -48,14 +54,16 @@ def plan(
     foreign: frozenset[str] = frozenset(),
     *,
     blocked: frozenset[str] = frozenset(),
+    want: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan the operations that turn `actual` into `desired`.
 
-    desired: (name, path) in load order. actual: name -> path of OUR adapters on the server.
-    foreign: names on the server that are not ours (base models, adapters others loaded).
-    blocked: names not to load now (backing off after a failure).
+    desired: (name, path) in load order (`want` is the same as a mapping, when the caller has
+    it). actual: name -> path of OUR adapters on the server. foreign: names on the server that
+    are not ours (base models, adapters others loaded). blocked: names not to load now
+    (backing off after a failure).
     """
-    want = dict(desired)
+    want = dict(desired) if want is None else want
     unloads = tuple(sorted(n for n, p in actual.items() if want.get(n) != p))
     loads = []
     conflicts = []
@@ -79,17 +87,12 @@ def backoff(
     return ceiling * (0.5 + 0.5 * jitter)
 
 
-class ServerCondition(StrEnum):
-    OK = "ok"
-    UNKNOWN = "unknown"
-
-
 @dataclass
 class ServerStatus:
     """What the status API shows for one server."""
 
     url: str
-    condition: str = ServerCondition.UNKNOWN
+    condition: Condition = Condition.UNKNOWN
     message: str | None = None
     healthy: bool = False
     since: float = field(default_factory=time.time)
@@ -101,10 +104,20 @@ class ServerStatus:
 
 
 @dataclass
-class _Retry:
+class _Failure:
+    """The last failed load of one adapter on this server, and when to try it again."""
+
     path: str
     attempts: int
     due: float
+    condition: Condition
+    message: str
+
+
+@dataclass
+class _Loaded:
+    path: str
+    at: float
 
 
 class ServerReconciler:
@@ -120,7 +133,6 @@ class ServerReconciler:
         resync_seconds: float,
         health_seconds: float,
         max_backoff: float,
-        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.client = client
         self.url = client.base_url
@@ -128,28 +140,85 @@ class ServerReconciler:
         self.store = store
         self.metrics = metrics
         self.status = ServerStatus(url=self.url)
-        self.actual: dict[str, str] = {}
-        self.foreign: frozenset[str] = frozenset()
-        self.known = False  # `actual` reflects the server as it is now
+        self.version = 0  # bumped on every change the status shows
+        self.known = False  # what it lists is what it holds now
         self.listed = False  # /v1/models answered at least once since lorawarm started
         self.loading: str | None = None  # a load in flight (or unanswered) until the next list
+        self._actual: dict[str, _Loaded] = {}
+        self._foreign: frozenset[str] = frozenset()
+        self._conflicts: frozenset[str] = frozenset()
+        self._attempts: dict[str, tuple[str, int]] = {}  # name -> (path, load attempts)
+        self._failures: dict[str, _Failure] = {}
+        self._released: dict[str, float] = {}  # snapshot path -> when it left the server
+        self._warmed: dict[str, str] = {}  # name -> the path lorawarm last loaded for it here
+        self._stale = False  # a step learned that the server differs from the plan: re-plan
         self._resync = resync_seconds
         self._health_every = health_seconds
         self._max_backoff = max_backoff
-        self._on_change = on_change
         self._wake = asyncio.Event()
-        self._retries: dict[str, _Retry] = {}
+        catalog.subscribe(self._wake)
         self._server_retry_at = 0.0
         self._server_attempts = 0
         self._probe_down = True  # /health not seen answering since start or its last failure
         self._rng = random.Random()  # noqa: S311 - retry jitter, not cryptography
 
+    # -- what others read ---------------------------------------------------------------------
+    @property
+    def actual(self) -> Mapping[str, str]:
+        """Our adapters on the server as last listed or loaded: name -> snapshot path."""
+        return {name: loaded.path for name, loaded in self._actual.items()}
+
+    def outcome(self, record: AdapterRecord) -> ServerAdapter | None:
+        """What `record` is on this server now; None when it has nothing to load."""
+        if record.snapshot is None:
+            return None
+        name, path = record.name, str(record.snapshot.path)
+        tried = self._attempts.get(name)
+        attempts = tried[1] if tried is not None and tried[0] == path else 0
+        loaded = self._actual.get(name)
+        failing = self.status.condition not in (Condition.OK, Condition.UNKNOWN)
+        if loaded is not None and loaded.path == path and not failing:
+            return ServerAdapter(
+                ServerState.LOADED, attempts, loaded_path=path, loaded_at=loaded.at
+            )
+        if name in self._conflicts:
+            return ServerAdapter(
+                ServerState.FAILED,
+                attempts,
+                f"the server already serves a model named {name!r} that lorawarm did not "
+                "load; rename the adapter folder",
+                Condition.NAME_TAKEN,
+            )
+        failure = self._failures.get(name)
+        if failure is not None and failure.path == path:
+            return ServerAdapter(ServerState.FAILED, attempts, failure.message, failure.condition)
+        if name not in self.catalog.desired_paths():
+            return ServerAdapter(ServerState.COLD, attempts)
+        if failing:  # in its backoff: say why it waits, not only at the next attempt
+            return ServerAdapter(
+                ServerState.PENDING, attempts, self.status.message, self.status.condition
+            )
+        return ServerAdapter(ServerState.PENDING, attempts)
+
+    def snapshots_in_use(self) -> set[str]:
+        """Snapshot paths this server lists or may be reading (a load in flight)."""
+        used = {loaded.path for loaded in self._actual.values()}
+        if self.loading is not None:
+            used.add(self.loading)
+        return used
+
+    def released(self) -> Mapping[str, float]:
+        """Snapshot paths that left this server, with the wall time they did (requests it
+        accepted before may still read them: the collector counts its grace from here)."""
+        return self._released
+
+    def forget_released(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self._released.pop(path, None)
+
+    # -- running ------------------------------------------------------------------------------
     def wake(self) -> None:
         """Ask for a re-plan soon (the catalog changed)."""
-        if self.status.condition not in (ServerCondition.OK, ServerCondition.UNKNOWN):
-            # The server is failing (in its backoff, maybe for a minute): an adapter that became
-            # valid meanwhile is told why it waits now, not at the next attempt.
-            self._mark_waiting(self.status.condition, self.status.message)
         self._wake.set()
 
     async def run(self) -> None:
@@ -172,11 +241,11 @@ class ServerReconciler:
         soonest = now + self._resync
         if self._server_retry_at > now:
             soonest = min(soonest, self._server_retry_at)
-        for retry in self._retries.values():
+        for failure in self._failures.values():
             # A retry already due was tried by the last sync or is not wanted any more
             # (deleted, cold, name taken): waking for it again would re-sync every 10 ms.
-            if retry.due > now:
-                soonest = min(soonest, retry.due)
+            if failure.due > now:
+                soonest = min(soonest, failure.due)
         return max(soonest - now, 0.01)
 
     async def _health_loop(self) -> None:
@@ -184,11 +253,16 @@ class ServerReconciler:
             try:
                 await self.client.health()
             except VllmError as err:
+                if not self._probe_down:
+                    self.metrics.failures.labels(self.url, err.condition).inc()
+                    self.status.failures += 1
                 self._probe_down = True
                 if self.status.healthy or self.status.condition != err.condition:
                     self._went_down(err)
             else:
-                self.status.healthy = True
+                if not self.status.healthy:
+                    self.status.healthy = True
+                    self._changed()
                 if self._probe_down:
                     # Up, or back after the probe saw it fail (a restart?). A call failing while
                     # /health answers is no comeback: it keeps its backoff, not a retry per probe.
@@ -200,142 +274,133 @@ class ServerReconciler:
                     self.wake()  # a (re)started server: re-list and re-warm
             await asyncio.sleep(self._health_every)
 
-    def _set_condition(self, condition: str, message: str | None, *, healthy: bool) -> None:
+    def _changed(self) -> None:
+        self.version += 1
+
+    def _set_condition(self, condition: Condition, message: str | None, *, healthy: bool) -> None:
         changed = self.status.condition != condition
         self.status.condition = condition
         self.status.message = message
         self.status.healthy = healthy
         if changed:
             self.status.since = time.time()
-            event = log.info if condition == ServerCondition.OK else log.warning
+            event = log.info if condition == Condition.OK else log.warning
             event("server_condition", server=self.url, condition=condition, message=message)
-        self.metrics.server_up.labels(self.url).set(1 if condition == ServerCondition.OK else 0)
-        if changed:
-            self._on_change()
+        self.metrics.server_up.labels(self.url).set(1 if condition == Condition.OK else 0)
+        self._changed()
 
     def _server_failed(self, err: VllmError) -> None:
         self._server_attempts += 1
         delay = backoff(self._server_attempts, self._max_backoff, rng=self._rng)
         self._server_retry_at = time.monotonic() + delay
-        self.known = False
         self.metrics.failures.labels(self.url, err.condition).inc()
         self.status.failures += 1
         self._went_down(err)
 
     def _went_down(self, err: VllmError) -> None:
-        """The server cannot be worked with: say why, per server and per adapter.
-
-        What it has loaded is unknown until it answers again (a restart loses everything), so
-        loaded entries go back to pending. `actual` is kept: snapshot collection must still
-        count what the server may be reading.
-        """
+        """The server cannot be worked with: say why. What it has loaded is unknown until it
+        answers again (a restart loses everything); what it listed is kept, because snapshot
+        collection must still count what the server may be reading."""
         self.known = False
-        healthy = err.condition not in (
-            Condition.UNREACHABLE,
-            Condition.TIMEOUT,
-            Condition.ENGINE_DEAD,
-        )
-        self._mark_waiting(err.condition, err.message)
-        self._set_condition(err.condition, err.message, healthy=healthy)
-
-    def _mark_waiting(self, condition: str, message: str | None) -> None:
-        """Every valid adapter loaded or waiting here is pending, because of `condition`."""
-        for record in self.catalog:
-            if record.valid:
-                entry = record.server(self.url)
-                if entry.state in (ServerState.LOADED, ServerState.PENDING):
-                    entry.state = ServerState.PENDING
-                    entry.condition = condition
-                    entry.last_error = message
+        self._set_condition(err.condition, err.message, healthy=err.condition not in _DOWN)
 
     async def sync(self) -> None:
-        """List the server's adapters, plan, and run the plan one operation at a time."""
+        """List the server's adapters, plan, and run the plan one operation at a time.
+
+        The plan is made again only when the catalog changed since it was made, or when a
+        step found the server other than planned; otherwise its next step runs.
+        """
         started = time.monotonic()
         try:
             await self._refresh_actual()
-            while True:
-                step = self._plan()
-                self._mark(step)
-                if step.empty:
-                    break
+            step = self._plan()
+            planned_at = self.catalog.warm_version
+            while not step.empty:
                 if step.unloads:
-                    await self._unload(step.unloads[0])
+                    name, *rest = step.unloads
+                    await self._unload(name)
+                    step = Plan(tuple(rest), step.loads, step.conflicts)
                 else:
-                    await self._load(*step.loads[0])
+                    (name, path), *more = step.loads
+                    await self._load(name, path)
+                    step = Plan((), tuple(more), step.conflicts)
+                if self.catalog.warm_version != planned_at or self._stale:
+                    self._stale = False
+                    if not self.known:
+                        await self._refresh_actual()
+                    step = self._plan()
+                    planned_at = self.catalog.warm_version
         except VllmError as err:
             self._server_failed(err)
         else:
             self._server_attempts = 0
             # /v1/models answers even when the engine is dead: only the probe clears engine_dead.
             if self.status.healthy or self.status.condition != Condition.ENGINE_DEAD:
-                self._set_condition(ServerCondition.OK, None, healthy=True)
+                self._set_condition(Condition.OK, None, healthy=True)
             self.status.last_sync = time.time()
         finally:
             self.metrics.reconcile_seconds.labels(self.url).observe(time.monotonic() - started)
-            self.status.loaded = len(self.actual)
-            self._on_change()
+            self.status.loaded = len(self._actual)
+            self._changed()
 
     async def _refresh_actual(self) -> None:
         models = await self.client.list_models()
-        self.foreign = frozenset(m.id for m in models if not (m.root and self.store.owns(m.root)))
-        self.actual = {m.id: str(m.root) for m in models if m.root and self.store.owns(m.root)}
+        self._foreign = frozenset(m.id for m in models if not (m.root and self.store.owns(m.root)))
+        listed = {m.id: str(m.root) for m in models if m.root and self.store.owns(m.root)}
+        now = time.time()
+        for name, loaded in list(self._actual.items()):
+            if listed.get(name) != loaded.path:
+                self._release(name)
+        for name, path in listed.items():
+            if name not in self._actual:
+                self._hold(name, path, now)
+                self._failures.pop(name, None)  # e.g. a timed-out load vLLM finished later
         self.loading = None
         self.known = self.listed = True
 
+    def _hold(self, name: str, path: str, at: float) -> None:
+        self._actual[name] = _Loaded(path, at)
+        self._released.pop(path, None)
+
+    def _release(self, name: str) -> None:
+        loaded = self._actual.pop(name, None)
+        if loaded is not None and all(o.path != loaded.path for o in self._actual.values()):
+            self._released[loaded.path] = time.time()
+
     def _plan(self) -> Plan:
-        desired = self.catalog.desired()
+        for book in (self._attempts, self._warmed, self._failures):
+            for gone in [n for n in book if self.catalog.get(n) is None]:
+                del book[gone]  # deleted adapters: nothing to remember
+        want = self.catalog.desired_paths()
         now = time.monotonic()
         blocked = frozenset(
-            n for n, r in self._retries.items() if r.due > now and dict(desired).get(n) == r.path
+            n for n, f in self._failures.items() if f.due > now and want.get(n) == f.path
         )
-        return plan(desired, self.actual, self.foreign, blocked=blocked)
-
-    def _mark(self, step: Plan) -> None:
-        """Write each record's per-server state from what is loaded and planned."""
-        desired = dict(self.catalog.desired())
-        conflicts = set(step.conflicts)
-        for record in self.catalog:
-            if not record.valid or record.snapshot is None:
-                record.servers.pop(self.url, None)
-                continue
-            entry = record.server(self.url)
-            path = str(record.snapshot.path)
-            if self.actual.get(record.name) == path:
-                if entry.state is not ServerState.LOADED:
-                    entry.state = ServerState.LOADED
-                    entry.loaded_at = entry.loaded_at or time.time()
-                entry.loaded_path = path
-                entry.condition = None
-                entry.last_error = None
-            elif record.name in conflicts:
-                entry.state = ServerState.FAILED
-                entry.condition = "name_taken"
-                entry.last_error = (
-                    f"the server already serves a model named {record.name!r} that lorawarm did "
-                    "not load; rename the adapter folder"
-                )
-            elif record.name not in desired:
-                entry.state = ServerState.COLD
-                entry.loaded_path = None
-            elif entry.state is not ServerState.FAILED:
-                entry.state = ServerState.PENDING
+        step = plan(self.catalog.desired(), self.actual, self._foreign, blocked=blocked, want=want)
+        if frozenset(step.conflicts) != self._conflicts:
+            self._conflicts = frozenset(step.conflicts)
+        return step
 
     async def _unload(self, name: str) -> None:
         await self.client.unload(name)
-        self.actual.pop(name, None)
+        self._release(name)
         self.metrics.unloads.labels(self.url).inc()
         self.status.unloads += 1
         log.info("adapter_unloaded", server=self.url, adapter=name)
 
     async def _load(self, name: str, path: str) -> None:
-        record = self.catalog.get(name)
-        entry = record.server(self.url) if record else None
-        if entry is not None:
-            entry.attempts += 1
+        tried = self._attempts.get(name)
+        self._attempts[name] = (path, (tried[1] if tried and tried[0] == path else 0) + 1)
         self.loading = path  # snapshot collection must keep what vLLM may be reading right now
         try:
             result = await self.client.load(name, path)
         except VllmError as err:
+            if err.condition == Condition.TIMEOUT and await self._answers():
+                # vLLM answers, this load did not in time: the adapter's problem (a big one, a
+                # slow disk), not the server's. It may still finish: re-list before going on.
+                self.known, self._stale = False, True
+                self._adapter_failed(name, path, err)
+                return
             if err.condition != Condition.REJECTED:
                 raise  # a server-wide problem: back off the whole server
             self._adapter_failed(name, path, err)
@@ -343,6 +408,7 @@ class ServerReconciler:
         if result is LoadResult.ALREADY_LOADED:
             # Registered by someone (the plugin, or us before a restart): trust /v1/models.
             await self._refresh_actual()
+            self._stale = True  # the plan was made without it
             if self.actual.get(name) != path:
                 self._adapter_failed(
                     name,
@@ -355,36 +421,33 @@ class ServerReconciler:
                     ),
                 )
             return
-        first_time = entry is None or entry.loaded_path != path
-        self.actual[name] = path
-        self._retries.pop(name, None)
+        record = self.catalog.get(name)
+        first_time = self._warmed.get(name) != path
+        self._warmed[name] = path
+        self._hold(name, path, time.time())
+        self._failures.pop(name, None)
         self.metrics.loads.labels(self.url).inc()
         self.status.loads += 1
-        if record is not None and entry is not None:
-            entry.state = ServerState.LOADED
-            entry.loaded_at = time.time()
-            entry.loaded_path = path
-            entry.last_error = None
-            entry.condition = None
-            if first_time:  # re-warms after a server restart are not drop-to-ready latency
-                self.metrics.drop_to_ready.labels(self.url).observe(
-                    time.monotonic() - record.changed_mono
-                )
+        if record is not None and first_time:  # re-warms after a restart are not drop-to-ready
+            self.metrics.drop_to_ready.labels(self.url).observe(
+                time.monotonic() - record.changed_mono
+            )
         log.info("adapter_loaded", server=self.url, adapter=name, path=path)
 
+    async def _answers(self) -> bool:
+        try:
+            await self.client.health()
+        except VllmError:
+            return False
+        return True
+
     def _adapter_failed(self, name: str, path: str, err: VllmError) -> None:
-        previous = self._retries.get(name)
+        previous = self._failures.get(name)
         attempts = previous.attempts + 1 if previous and previous.path == path else 1
         due = time.monotonic() + backoff(attempts, self._max_backoff, rng=self._rng)
-        self._retries[name] = _Retry(path=path, attempts=attempts, due=due)
+        self._failures[name] = _Failure(path, attempts, due, err.condition, err.message)
         self.metrics.failures.labels(self.url, err.condition).inc()
         self.status.failures += 1
-        record = self.catalog.get(name)
-        if record is not None:
-            entry = record.server(self.url)
-            entry.state = ServerState.FAILED
-            entry.condition = err.condition
-            entry.last_error = err.message
         log.warning(
             "adapter_load_failed",
             server=self.url,

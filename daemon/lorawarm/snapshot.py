@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -49,14 +50,19 @@ _DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
 _CHUNK = 1 << 20
 
 
+class SnapshotReason(StrEnum):
+    """Why a snapshot could not be made; the values are public (status API, logs)."""
+
+    SOURCE_CHANGED = "source_changed"  # the folder changed while it was read: settle again
+    SNAPSHOT_INVALID = "snapshot_invalid"  # the copy did not pass inspection
+    SNAPSHOT_FAILED = "snapshot_failed"  # the state dir cannot be written (full, read-only)
+
+
 class SnapshotError(OSError):
-    """A snapshot could not be made (disk full, read-only state dir, source changed...).
+    """A snapshot could not be made (disk full, read-only state dir, source changed...);
+    `reason` says which."""
 
-    `reason` is a stable code for the status API: `source_changed`, `snapshot_invalid`,
-    `snapshot_failed`.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: SnapshotReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -118,19 +124,22 @@ class SnapshotStore:
             staging.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix="snap-", dir=staging))
         except OSError as err:
-            raise SnapshotError("snapshot_failed", f"cannot write the state dir: {err}") from err
+            raise SnapshotError(
+                SnapshotReason.SNAPSHOT_FAILED, f"cannot write the state dir: {err}"
+            ) from err
         lock = -1
         try:
             lock = _hold(tmp)  # while held, collection knows that this copy is alive
             copied = _copy(adapter.path, adapter.files, tmp)
             if copied != digest:
                 raise SnapshotError(
-                    "source_changed", "the adapter changed while it was being copied"
+                    SnapshotReason.SOURCE_CHANGED, "the adapter changed while it was being copied"
                 )
             check = inspect_adapter(tmp, root=staging, rules=rules, name=adapter.name)
             if isinstance(check, Invalid):
                 raise SnapshotError(
-                    "snapshot_invalid", f"the copy did not pass inspection: {check.message}"
+                    SnapshotReason.SNAPSHOT_INVALID,
+                    f"the copy did not pass inspection: {check.message}",
                 )
             for f in adapter.files:
                 (tmp / f.name).chmod(0o444)
@@ -154,7 +163,9 @@ class SnapshotStore:
             raise
         except OSError as err:
             _remove(tmp)
-            raise SnapshotError("snapshot_failed", f"cannot write the snapshot: {err}") from err
+            raise SnapshotError(
+                SnapshotReason.SNAPSHOT_FAILED, f"cannot write the snapshot: {err}"
+            ) from err
         finally:
             if lock >= 0:
                 os.close(lock)
@@ -306,7 +317,9 @@ def _open_source(folder: Path, f: FileStat) -> int:
     try:
         fd = os.open(folder / f.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:  # deleted or replaced since it was inspected
-        raise SnapshotError("source_changed", f"cannot read {f.name}: {err.strerror}") from err
+        raise SnapshotError(
+            SnapshotReason.SOURCE_CHANGED, f"cannot read {f.name}: {err.strerror}"
+        ) from err
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ino) != (
         f.size,
@@ -314,7 +327,9 @@ def _open_source(folder: Path, f: FileStat) -> int:
         f.inode,
     ):
         os.close(fd)
-        raise SnapshotError("source_changed", f"{f.name} changed since it was inspected")
+        raise SnapshotError(
+            SnapshotReason.SOURCE_CHANGED, f"{f.name} changed since it was inspected"
+        )
     return fd
 
 

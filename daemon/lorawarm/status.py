@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from lorawarm import __version__
-from lorawarm.catalog import AdapterRecord, AdapterState, Catalog
+from lorawarm.catalog import AdapterRecord, AdapterState, Catalog, ServerAdapter, adapter_state
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
 
@@ -44,6 +44,14 @@ class AdapterView(BaseModel):
     state: AdapterState
     reason: str | None = Field(description="Stable code when invalid or failed.")
     message: str | None = Field(description="What is wrong, for a person.")
+    pending_reason: str | None = Field(
+        default=None,
+        description="The folder's current content is not served (stable code): the last "
+        "valid snapshot stays loaded until the folder is valid again or deleted.",
+    )
+    pending_message: str | None = Field(
+        default=None, description="Why the current content is not served, for a person."
+    )
     digest: str | None = Field(description="Content digest of the snapshot vLLM loads.")
     source_path: str = Field(description="The folder in the drop directory.")
     snapshot_path: str | None = Field(description="The immutable copy vLLM is given.")
@@ -69,6 +77,10 @@ class ServerInfo(BaseModel):
     loads: int
     unloads: int
     failures: int
+    collection_held: str | None = Field(
+        default=None,
+        description="Why snapshot collection waits for this server (it was never listed), or null.",
+    )
 
 
 class ServerList(BaseModel):
@@ -81,22 +93,48 @@ class Health(BaseModel):
     drop_dir: str = Field(
         default="ok", description="ok, or missing while the drop directory cannot be found."
     )
+    watch: str = Field(
+        default="ok",
+        description="ok, or why filesystem events are not watched (e.g. the inotify watch "
+        "limit); rescans still run on their timer.",
+    )
+
+
+class ServerSide(Protocol):
+    """What the status API reads of one server (a reconciler)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def status(self) -> ServerStatus: ...
+
+    def outcome(self, record: AdapterRecord) -> ServerAdapter | None: ...
 
 
 class StatusSource(Protocol):
-    """What the status API reads; the daemon provides it."""
+    """What the status API reads; the daemon provides it. Reading it writes nothing."""
 
-    catalog: Catalog
-    metrics: Metrics
-    drop_dir_ok: bool
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     @property
     def ready(self) -> bool: ...
 
     @property
-    def server_urls(self) -> list[str]: ...
+    def drop_dir_ok(self) -> bool: ...
 
-    def server_statuses(self) -> Sequence[ServerStatus]: ...
+    @property
+    def watch_problem(self) -> str | None: ...
+
+    @property
+    def servers(self) -> Sequence[ServerSide]: ...
+
+    @property
+    def collection_held(self) -> Mapping[str, str]: ...
 
 
 class _NameConvertor(PathConvertor):
@@ -119,13 +157,22 @@ def _text(value: str) -> str:
     return os.fsencode(value).decode("utf-8", "backslashreplace")
 
 
-def adapter_view(record: AdapterRecord, urls: list[str]) -> AdapterView:
+def _outcomes(record: AdapterRecord, servers: Sequence[ServerSide]) -> list[ServerAdapter]:
+    return [o for s in servers if (o := s.outcome(record)) is not None]
+
+
+def adapter_view(record: AdapterRecord, servers: Sequence[ServerSide]) -> AdapterView:
     snap = record.snapshot
+    outcomes = _outcomes(record, servers)
+    message = _text(record.message) if record.message else record.message
+    served = snap is not None  # a reason beside a snapshot is about newer content
     return AdapterView(
         name=_text(record.name),
-        state=record.state(urls),
-        reason=record.reason,
-        message=_text(record.message) if record.message else record.message,
+        state=adapter_state(record, outcomes),
+        reason=None if served else record.reason,
+        message=None if served else message,
+        pending_reason=record.reason if served else None,
+        pending_message=message if served else None,
         digest=snap.digest if snap else None,
         source_path=_text(str(record.source_path)),
         snapshot_path=str(snap.path) if snap else None,
@@ -134,16 +181,16 @@ def adapter_view(record: AdapterRecord, urls: list[str]) -> AdapterView:
         validated_at=_iso(record.validated_at),
         servers=[
             ServerView(
-                url=url,
-                state=(entry := record.server(url)).state,
+                url=server.url,
+                state=entry.state,
                 attempts=entry.attempts,
                 condition=entry.condition,
                 last_error=entry.last_error,
                 loaded_at=_iso(entry.loaded_at),
             )
-            for url in urls
+            for server, entry in zip(servers, outcomes, strict=True)
         ]
-        if snap is not None
+        if outcomes
         else [],
     )
 
@@ -183,7 +230,10 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     async def healthz() -> Health:
         """Liveness: the daemon's event loop answers."""
         return Health(
-            status="ok", version=__version__, drop_dir="ok" if source.drop_dir_ok else "missing"
+            status="ok",
+            version=__version__,
+            drop_dir="ok" if source.drop_dir_ok else "missing",
+            watch=source.watch_problem or "ok",
         )
 
     @app.get(
@@ -195,20 +245,24 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     async def readyz() -> Response:
         """Readiness: the first scan of the drop directory is done."""
         drop_dir = "ok" if source.drop_dir_ok else "missing"
+        watch = source.watch_problem or "ok"
         if source.ready:
             return JSONResponse(
-                Health(status="ready", version=__version__, drop_dir=drop_dir).model_dump()
+                Health(
+                    status="ready", version=__version__, drop_dir=drop_dir, watch=watch
+                ).model_dump()
             )
         return JSONResponse(
-            Health(status="starting", version=__version__, drop_dir=drop_dir).model_dump(),
+            Health(
+                status="starting", version=__version__, drop_dir=drop_dir, watch=watch
+            ).model_dump(),
             status_code=503,
         )
 
     @app.get("/v1/adapters", response_model=AdapterList, dependencies=auth)
     async def adapters() -> AdapterList:
         """Every adapter folder lorawarm knows of."""
-        urls = source.server_urls
-        views = [adapter_view(r, urls) for r in source.catalog]
+        views = [adapter_view(r, source.servers) for r in source.catalog.by_name()]
         counts: dict[str, int] = {str(s): 0 for s in AdapterState}
         for view in views:
             counts[view.state] += 1
@@ -227,11 +281,12 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
             record = next((r for r in source.catalog if _text(r.name) == name), None)
         if record is None:
             raise HTTPException(status_code=404, detail=f"no adapter named {name[:200]!r}")
-        return adapter_view(record, source.server_urls)
+        return adapter_view(record, source.servers)
 
     @app.get("/v1/servers", response_model=ServerList, dependencies=auth)
     async def servers() -> ServerList:
         """Every configured vLLM server and its condition."""
+        held = source.collection_held
         return ServerList(
             servers=[
                 ServerInfo(
@@ -245,8 +300,9 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
                     loads=s.loads,
                     unloads=s.unloads,
                     failures=s.failures,
+                    collection_held=held.get(s.url),
                 )
-                for s in source.server_statuses()
+                for s in (server.status for server in source.servers)
             ]
         )
 
@@ -258,10 +314,9 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     )
     async def metrics() -> Response:
         """Prometheus metrics."""
-        urls = source.server_urls
         counts = {str(s): 0 for s in AdapterState}
         for record in source.catalog:
-            counts[record.state(urls)] += 1
+            counts[adapter_state(record, _outcomes(record, source.servers))] += 1
         for state, n in counts.items():
             source.metrics.adapters.labels(state).set(n)
         return Response(generate_latest(source.metrics.registry), media_type=CONTENT_TYPE_LATEST)

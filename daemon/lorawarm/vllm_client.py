@@ -49,8 +49,15 @@ _ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue"
 
 
 class Condition(StrEnum):
-    """Why a server or a call is not OK; the values are shown in the status API."""
+    """How a server, or one adapter on it, stands: the one vocabulary of the status API.
 
+    `ok` and `unknown` (not yet asked) describe a server; `name_taken` an adapter whose name
+    the server already serves for someone else; the rest are why a call did not succeed.
+    """
+
+    OK = "ok"
+    UNKNOWN = "unknown"
+    NAME_TAKEN = "name_taken"
     UNREACHABLE = "unreachable"
     TIMEOUT = "timeout"
     UNAUTHORIZED = "unauthorized"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,65 @@ class Hint:
     published: bool = False
 
 
+# Distinct folders pending at once beyond which the hints collapse into one full rescan.
+MAX_PENDING = 4096
+
+
+class Hints:
+    """The pending hints: deduplicated per folder, bounded, fed from any thread.
+
+    A 1 GB copy written in 128 KiB pieces fires ~8,000 modify events for one folder: they are
+    one entry here, and only the first hint of a batch costs a hop to the loop. Past
+    `limit` distinct folders the batch becomes a full rescan (which sees every folder anyway).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, limit: int = MAX_PENDING) -> None:
+        self._loop = loop
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, ...], bool] = {}  # parts -> published
+        self._rescan = False
+        self._ready = asyncio.Event()
+
+    def put(self, hint: Hint) -> None:
+        """Add a hint; safe from any thread."""
+        with self._lock:
+            first = not self._pending and not self._rescan
+            if not hint.parts:
+                self._rescan = True
+            else:
+                self._pending[hint.parts] = self._pending.get(hint.parts, False) or hint.published
+                if len(self._pending) > self._limit:
+                    # A rescan finds them all; only the publishes are worth remembering, and
+                    # only as many as the limit allows.
+                    self._rescan = True
+                    published = [p for p, pub in self._pending.items() if pub][: self._limit]
+                    self._pending = dict.fromkeys(published, True)
+        if first:
+            # RuntimeError: the loop is closing, the daemon is shutting down.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._ready.set)
+
+    def pending(self) -> int:
+        """How many entries wait (a full rescan counts as one)."""
+        with self._lock:
+            return len(self._pending) + self._rescan
+
+    async def get(self) -> list[Hint]:
+        """Wait for hints and take every pending one (a full rescan first, when asked)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                rescan, self._rescan = self._rescan, False
+            hints = [Hint(parts, published) for parts, published in pending.items()]
+            if rescan:
+                hints.insert(0, Hint(()))
+            if hints:
+                return hints
+
+
 def hint_for(root: Path, path: str, *, published: bool = False) -> Hint | None:
     """The hint for an event at `path`, or None when it concerns nothing we watch."""
     try:
@@ -124,36 +185,36 @@ class Watcher:
     def __init__(
         self,
         root: Path,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[Hint],
+        hints: Hints,
         *,
         polling: bool = False,
         poll_seconds: float = 1.0,
     ) -> None:
         self._root = root
-        self._loop = loop
-        self._queue = queue
-        self._polling = polling
+        self._hints = hints
+        self.polling = polling
         self._poll_seconds = poll_seconds
         self._observer: BaseObserver | None = None
 
-    def _deliver(self, hint: Hint) -> None:
-        # RuntimeError: the loop is closing, the daemon is shutting down.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, hint)
-
     def start(self) -> None:
+        """Start the observer thread. Raises OSError when the kernel refuses (inotify:
+        ENOSPC for the watch limit, EMFILE for the instance limit); nothing is left running."""
         observer: BaseObserver = (
-            PollingObserver(timeout=self._poll_seconds) if self._polling else Observer()
+            PollingObserver(timeout=self._poll_seconds) if self.polling else Observer()
         )
         observer.schedule(
-            _Handler(self._root, self._deliver),
+            _Handler(self._root, self._hints.put),
             str(self._root),
             recursive=True,
             event_filter=list(WATCHED_EVENTS),
         )
         observer.daemon = True
-        observer.start()
+        try:
+            observer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                observer.stop()
+            raise
         self._observer = observer
 
     def stop(self) -> None:
@@ -174,21 +235,19 @@ class Watcher:
         self.stop()
 
 
-def discover(root: Path) -> dict[str, Path]:
-    """Every adapter folder under `root`: `name` folders and `org/name` folders.
-
-    A top-level folder that holds no files but holds folders is an organisation (`org/name`);
-    anything else at the top level is an adapter (possibly still being copied). Dot-entries
-    are ignored. A symlink at the top level is never descended into: it is one adapter name,
-    which inspection judges (and refuses when it leads out of the drop directory).
-    """
-    return {name: root / name for name in scan(root)}
-
-
 def scan(root: Path) -> dict[str, list[os.DirEntry[str]] | None]:
-    """`discover`'s names, each with the listing of its folder when this walk made one (a
-    top-level adapter: telling it from an organisation needs its listing anyway), so that its
-    fingerprint needs no second listing; None for the others."""
+    """Every adapter folder under `root`: `name` folders and `org/name` folders, each with the
+    listing of its folder when this walk made one (a top-level adapter: telling it from an
+    organisation needs its listing anyway), so that its fingerprint needs no second listing;
+    None for the others.
+
+    A top-level folder that holds no files but holds folders is an organisation (`org/name`),
+    unless those folders are all a trainer's `checkpoint-N` folders (then it is one adapter
+    folder, judged as such); anything else at the top level is an adapter (possibly still
+    being copied). Dot-entries are ignored. A symlink at the top level is never descended
+    into: it is one adapter name, which inspection judges (and refuses when it leads out of
+    the drop directory).
+    """
     found: dict[str, list[os.DirEntry[str]] | None] = {}
     for top in _dirs(root):
         listing = None if top.is_symlink() else _listing(top.path)
@@ -228,9 +287,18 @@ def is_org(folder: Path) -> bool:
     return not folder.is_symlink() and _is_org(_visible(folder))
 
 
+_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")
+
+
 def _is_org(children: list[os.DirEntry[str]]) -> bool:
-    """An organisation folder holds only folders (dot-entries aside), at least one."""
-    return bool(children) and all(c.is_dir(follow_symlinks=False) for c in children)
+    """An organisation folder holds only folders (dot-entries aside), at least one, and not
+    only a trainer's `checkpoint-N` folders: a training run's output folder is no org whose
+    checkpoints would each be served as `name/checkpoint-N`."""
+    return (
+        bool(children)
+        and all(c.is_dir(follow_symlinks=False) for c in children)
+        and not all(_CHECKPOINT.fullmatch(c.name) for c in children)
+    )
 
 
 def _visible(path: Path) -> list[os.DirEntry[str]]:

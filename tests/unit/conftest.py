@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,18 @@ def cache(tmp_path: Path) -> Path:
 def state(tmp_path: Path) -> Path:
     """A state directory that does not exist yet."""
     return tmp_path / "state"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a thread running (an observer not stopped, a client not closed),
+    as watchdog's own suite does: a leaked observer keeps feeding hints into later tests."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 3.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"

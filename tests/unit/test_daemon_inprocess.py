@@ -10,7 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from structlog.testing import capture_logs
 
 from lorawarm import status_cli
 from lorawarm.catalog import AdapterState
+from lorawarm.collector import Collector, SnapshotUser
 from lorawarm.daemon import Daemon
 from lorawarm.settings import Settings, load
 from lorawarm.snapshot import Snapshot
@@ -54,15 +56,7 @@ async def make_daemon(cache: Path, state: Path) -> AsyncIterator[MakeDaemon]:
 
     yield make
     for daemon in made:
-        if daemon._watcher is not None:  # rescan() starts the observer
-            daemon._watcher.stop()
-        if daemon._drop_dir_probe is not None:
-            daemon._drop_dir_probe.cancel()
-            await asyncio.gather(daemon._drop_dir_probe, return_exceptions=True)
-        for timer in daemon._timers.values():
-            timer.cancel()
-        for r in daemon.reconcilers:
-            await r.client.aclose()
+        await daemon.aclose()  # rescan() starts the observer
 
 
 def snapshot_of(daemon: Daemon, name: str) -> Snapshot:
@@ -76,7 +70,7 @@ async def publish(daemon: Daemon, cache: Path, *, seed: int, name: str = "a") ->
     """Write adapter `name` (content by `seed`), hand the daemon its publish hint, and return
     the snapshot it made."""
     write_adapter(cache / name, seed=seed)
-    await daemon.refresh(name, published=True)
+    await daemon.intake.refresh(name, published=True)
     return snapshot_of(daemon, name)
 
 
@@ -105,10 +99,10 @@ async def test_published_valid_adapter_gets_a_snapshot(
     state dir; the reconcilers are woken."""
     daemon = make_daemon()
     write_adapter(cache / "a")
-    await daemon.refresh("a", published=True)
+    await daemon.intake.refresh("a", published=True)
     record = daemon.catalog.get("a")
     assert record is not None
-    assert record.valid
+    assert record.servable
     assert not record.settling
     assert record.reason is None
     assert record.validated_at is not None
@@ -116,9 +110,9 @@ async def test_published_valid_adapter_gets_a_snapshot(
     assert snap.path.parent == state / "snapshots" / "a"
     assert sorted(p.name for p in snap.path.iterdir()) == [CONFIG, SAFETENSORS]
     assert (snap.path / SAFETENSORS).read_bytes() == (cache / "a" / SAFETENSORS).read_bytes()
-    assert record.state(daemon.server_urls) is AdapterState.PENDING
+    assert daemon.states()[record.name] is AdapterState.PENDING
     assert daemon.catalog.desired() == [("a", str(snap.path))]
-    assert all(r._wake.is_set() for r in daemon.reconcilers)
+    assert daemon.catalog.warm_version > 0  # what the reconcilers wait on moved
     assert (
         daemon.metrics.registry.get_sample_value("lorawarm_inspections_total", {"verdict": "valid"})
         == 1
@@ -132,43 +126,42 @@ async def test_in_place_copy_settles_then_is_taken_by_the_timer_hint(
     own timer queues a hint, and applying it makes the adapter valid."""
     daemon = make_daemon(settle_seconds=0.2)
     write_adapter(cache / "a")
-    await daemon.refresh("a")
+    await daemon.intake.refresh("a")
     record = daemon.catalog.get("a")
     assert record is not None
     assert record.settling
-    assert record.state(daemon.server_urls) is AdapterState.SETTLING
+    assert daemon.states()[record.name] is AdapterState.SETTLING
     assert daemon.catalog.desired() == []
-    hint = await asyncio.wait_for(daemon._queue.get(), timeout=3)
-    assert hint == Hint(("a",))
-    await daemon._apply([hint])
-    assert record.valid
+    hints = await asyncio.wait_for(daemon.intake.hints.get(), timeout=3)
+    assert hints == [Hint(("a",))]
+    await daemon.intake.apply(hints)
+    assert record.servable
 
 
 async def test_old_folder_found_by_a_rescan_is_taken_at_once(
     make_daemon: MakeDaemon, cache: Path
 ) -> None:
     """A rescan (as at start-up) takes folders that have been quiet for long already, plain
-    and org/name, and marks the collection due."""
+    and org/name."""
     daemon = make_daemon(settle_seconds=60)
     age(write_adapter(cache / "a"))
     age(write_adapter(cache / "org" / "b", seed=1))
-    await daemon.rescan()
+    await daemon.intake.rescan()
     assert daemon.catalog.names() == {"a", "org/b"}
-    assert all(r.valid for r in daemon.catalog)
-    assert daemon._gc_due
+    assert all(r.servable for r in daemon.catalog)
 
 
 async def test_invalid_adapter_records_the_reason(make_daemon: MakeDaemon, cache: Path) -> None:
     """An adapter inspection refuses gets the reason code and message, and no snapshot."""
     daemon = make_daemon()
     write_adapter(cache / "big", r=64)
-    await daemon.refresh("big", published=True)
+    await daemon.intake.refresh("big", published=True)
     record = daemon.catalog.get("big")
     assert record is not None
     assert record.reason == "rank_too_large"
     assert record.message
     assert record.snapshot is None
-    assert record.state(daemon.server_urls) is AdapterState.INVALID
+    assert daemon.states()[record.name] is AdapterState.INVALID
     assert daemon.catalog.desired() == []
 
 
@@ -176,30 +169,31 @@ async def test_fixed_invalid_adapter_becomes_valid(make_daemon: MakeDaemon, cach
     """Rewriting an invalid adapter correctly clears the reason and snapshots it."""
     daemon = make_daemon()
     write_adapter(cache / "a", r=64)
-    await daemon.refresh("a", published=True)
+    await daemon.intake.refresh("a", published=True)
     shutil.rmtree(cache / "a")
     write_adapter(cache / "a")
-    await daemon.refresh("a", published=True)
+    await daemon.intake.refresh("a", published=True)
     record = daemon.catalog.get("a")
     assert record is not None
     assert (record.reason, record.message) == (None, None)
-    assert record.valid
+    assert record.servable
 
 
 async def test_deleted_adapter_is_removed(make_daemon: MakeDaemon, cache: Path) -> None:
     """A folder that is gone removes its record and stops any settling clock."""
     daemon = make_daemon()
     write_adapter(cache / "a")
-    await daemon.refresh("a", published=True)
+    await daemon.intake.refresh("a", published=True)
     write_adapter(cache / "b")
-    await daemon.refresh("b")  # settling
+    await daemon.intake.refresh("b")  # settling
     shutil.rmtree(cache / "a")
     shutil.rmtree(cache / "b")
-    await daemon.refresh("a")
-    await daemon.refresh("b")
+    await daemon.intake.refresh("a")
+    await daemon.intake.refresh("b")
     assert daemon.catalog.names() == set()
-    assert daemon.settler.settling() == set()
-    await daemon.refresh("never-there")
+    await asyncio.sleep(daemon.settings.settle_seconds + 0.2)
+    assert daemon.intake.hints.pending() == 0  # b's settle timer went with it
+    await daemon.intake.refresh("never-there")
     assert len(daemon.catalog) == 0
 
 
@@ -220,9 +214,9 @@ async def test_unchanged_adapter_is_not_inspected_again(
     """A hint for an adapter whose folder did not change does no work."""
     daemon = make_daemon()
     write_adapter(cache / "a")
-    await daemon.refresh("a", published=True)
-    await daemon.refresh("a")
-    await daemon.refresh("a", published=True)
+    await daemon.intake.refresh("a", published=True)
+    await daemon.intake.refresh("a")
+    await daemon.intake.refresh("a", published=True)
     assert (
         daemon.metrics.registry.get_sample_value("lorawarm_inspections_total", {"verdict": "valid"})
         == 1
@@ -247,10 +241,12 @@ async def test_apply_hints_for_an_org_and_a_deleted_org(
     daemon = make_daemon()
     write_adapter(cache / "org" / "x")
     write_adapter(cache / "org" / "y", seed=1)
-    await daemon._apply([Hint(("org", "x"), published=True), Hint(("org", "y"), published=True)])
+    await daemon.intake.apply(
+        [Hint(("org", "x"), published=True), Hint(("org", "y"), published=True)]
+    )
     assert daemon.catalog.names() == {"org/x", "org/y"}
     shutil.rmtree(cache / "org")
-    await daemon._apply([Hint(("org",))])
+    await daemon.intake.apply([Hint(("org",))])
     assert daemon.catalog.names() == set()
 
 
@@ -258,10 +254,10 @@ async def test_apply_root_hint_rescans(make_daemon: MakeDaemon, cache: Path) -> 
     """An empty hint (the drop dir itself changed) rescans, keeping publishes it carried."""
     daemon = make_daemon(settle_seconds=60)
     write_adapter(cache / "fresh")
-    await daemon._apply([Hint(()), Hint(("fresh",), published=True)])
+    await daemon.intake.apply([Hint(()), Hint(("fresh",), published=True)])
     record = daemon.catalog.get("fresh")
     assert record is not None
-    assert record.valid
+    assert record.servable
 
 
 async def test_rename_inside_an_adapter_is_not_a_publish_of_it(
@@ -271,11 +267,11 @@ async def test_rename_inside_an_adapter_is_not_a_publish_of_it(
     only a rename to root/name or root/org/name publishes."""
     daemon = make_daemon(settle_seconds=60)
     write_adapter(cache / "a")
-    await daemon.refresh("a")  # an in-place copy, settling
+    await daemon.intake.refresh("a")  # an in-place copy, settling
     (cache / "a" / ".sub.tmp").mkdir()
     (cache / "a" / ".sub.tmp").rename(cache / "a" / "sub")
     # what the watcher's handler makes of that DirMovedEvent
-    await daemon._apply([Hint(("a", ".sub.tmp")), Hint(("a", "sub"), published=True)])
+    await daemon.intake.apply([Hint(("a", ".sub.tmp")), Hint(("a", "sub"), published=True)])
     record = daemon.catalog.get("a")
     assert record is not None
     assert record.settling
@@ -288,11 +284,11 @@ async def test_folder_inside_an_adapter_never_becomes_an_adapter(
     --local-dir` leaves) never create a record for `name/sub`, and a rescan keeps only `name`."""
     daemon = make_daemon()
     write_adapter(cache / "a")
-    await daemon.refresh("a", published=True)
+    await daemon.intake.refresh("a", published=True)
     (cache / "a" / ".cache" / "huggingface").mkdir(parents=True)
     (cache / "a" / "checkpoint-10").mkdir()
-    await daemon._apply([Hint(("a", ".cache")), Hint(("a", "checkpoint-10"))])
-    await daemon.rescan()
+    await daemon.intake.apply([Hint(("a", ".cache")), Hint(("a", "checkpoint-10"))])
+    await daemon.intake.rescan()
     assert daemon.catalog.names() == {"a"}
 
 
@@ -302,31 +298,23 @@ async def test_rescan_starts_the_observer_on_the_drop_dir(
     """The first rescan starts watching the drop directory: a new folder becomes a hint on
     the daemon's queue."""
     daemon = make_daemon()
-    await daemon.rescan()
-    assert daemon._watcher is not None
-    assert daemon._watcher.alive
+    await daemon.intake.rescan()
+    assert daemon.intake.watcher is not None
+    assert daemon.intake.watcher.alive
     assert daemon.drop_dir_ok
     (cache / "new").mkdir()
     async with asyncio.timeout(5):
-        while (hint := await daemon._queue.get()) != Hint(("new",)):
+        while Hint(("new",)) not in (hints := await daemon.intake.hints.get()):
             pass
-    assert hint == Hint(("new",))
+    assert Hint(("new",)) in hints
 
 
 def watching(daemon: Daemon) -> bool:
-    return daemon._watcher is not None and daemon._watcher.alive
+    return daemon.intake.watcher is not None and daemon.intake.watcher.alive
 
 
 def drop_dir_ok(daemon: Daemon) -> bool:
     return daemon.drop_dir_ok
-
-
-def drain_until(queue: asyncio.Queue[Hint], wanted: Hint) -> bool:
-    """Take hints already queued until `wanted`; True when it was there."""
-    while not queue.empty():
-        if queue.get_nowait() == wanted:
-            return True
-    return False
 
 
 def replace_dir(path: Path) -> None:
@@ -341,21 +329,21 @@ async def test_missing_drop_dir_is_waited_for_not_taken_as_deletions(
     and says drop_dir missing; when it is back, a rescan is queued and it is watched again."""
     daemon = make_daemon()
     write_adapter(cache / "a")
-    await daemon.rescan(frozenset({"a"}))
+    await daemon.intake.rescan(frozenset({"a"}))
     assert daemon.catalog.names() == {"a"}
     shutil.rmtree(cache)
-    await daemon.refresh("a")
+    await daemon.intake.refresh("a")
     assert daemon.catalog.names() == {"a"}
-    assert drain_until(daemon._queue, Hint(()))  # asks for a rescan instead
-    await daemon.rescan()
+    assert Hint(()) in await daemon.intake.hints.get()  # asks for a rescan instead
+    await daemon.intake.rescan()
     assert not daemon.drop_dir_ok
     assert not watching(daemon)
     assert daemon.catalog.names() == {"a"}
     write_adapter(cache / "a")
     async with asyncio.timeout(5):
-        while (hint := await daemon._queue.get()) != Hint(()):
+        while Hint(()) not in (hints := await daemon.intake.hints.get()):
             pass
-    await daemon._apply([hint])
+    await daemon.intake.apply(hints)
     assert drop_dir_ok(daemon)
     assert watching(daemon)
     assert daemon.catalog.names() == {"a"}
@@ -364,45 +352,84 @@ async def test_missing_drop_dir_is_waited_for_not_taken_as_deletions(
 async def test_replaced_drop_dir_gets_a_new_observer(make_daemon: MakeDaemon, cache: Path) -> None:
     """A drop directory replaced by another one (new inode) is watched anew."""
     daemon = make_daemon()
-    await daemon.rescan()
-    first = daemon._watcher
+    await daemon.intake.rescan()
+    first = daemon.intake.watcher
     replace_dir(cache)
-    await daemon.rescan()
-    assert daemon._watcher is not first
+    await daemon.intake.rescan()
+    assert daemon.intake.watcher is not first
     assert first is not None
     assert not first.alive
-    assert daemon._watcher is not None
-    assert daemon._watcher.alive
+    assert daemon.intake.watcher is not None
+    assert daemon.intake.watcher.alive
 
 
 # --- snapshot collection ----------------------------------------------------------------------
 
 
-async def test_collect_waits_until_every_server_was_listed(
+@dataclass
+class User:
+    """A SnapshotUser as a server's reconciler is one: what it lists, what it released."""
+
+    listed: bool = True
+    using: set[str] = field(default_factory=set)
+    gone: dict[str, float] = field(default_factory=dict)
+
+    def snapshots_in_use(self) -> set[str]:
+        return set(self.using)
+
+    def released(self) -> dict[str, float]:
+        return self.gone
+
+    def forget_released(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self.gone.pop(path, None)
+
+    def release(self, path: str, at: float | None = None) -> None:
+        self.using.discard(path)
+        self.gone[path] = time.time() if at is None else at
+
+
+def collector_for(daemon: Daemon, *users: User, grace: float = 0.0) -> Collector:
+    named: dict[str, SnapshotUser] = {"catalog": daemon.catalog}
+    named.update((f"http://vllm-{i}", u) for i, u in enumerate(users))
+    return Collector(daemon.store, named, daemon.metrics, grace=grace, lock=daemon.intake.lock)
+
+
+async def test_collect_waits_for_a_server_never_listed_but_not_for_ever(
     make_daemon: MakeDaemon, cache: Path
 ) -> None:
-    """Nothing is collected before every reconciler listed its server once: a server never
-    listed may still read an old snapshot."""
-    daemon = make_daemon(vllm_urls=[UNREACHABLE, "http://127.0.0.1:10"], snapshot_grace_seconds=0)
+    """Nothing is collected while a server was never listed (it may still read an old
+    snapshot), and /v1/servers' `collection_held` says so; after the grace period counted
+    from the start, collection goes on without it (a decommissioned URL cannot fill the disk)."""
+    daemon = make_daemon()
     old = await publish(daemon, cache, seed=1)
     await publish(daemon, cache, seed=2)
-    daemon.reconcilers[0].listed = True
-    await daemon._collect()
+    silent = User(listed=False)
+    collector = collector_for(daemon, User(), silent, grace=0.3)
+    old.path.parent.touch()
+    os.utime(old.path, (time.time() - 10, time.time() - 10))
+    await collector.collect()
     assert old.path.is_dir()
-    assert not daemon._gc_due
+    assert list(collector.held) == ["http://vllm-1"]
+    held = daemon.metrics.registry.get_sample_value(
+        "lorawarm_collection_held", {"server": "http://vllm-1"}
+    )
+    assert held == 1
+    await asyncio.sleep(0.35)
+    await collector.collect()
+    assert collector.held == {}
+    assert not old.path.exists()
 
 
 async def test_collect_keeps_referenced_and_recent_snapshots(
     make_daemon: MakeDaemon, cache: Path
 ) -> None:
-    """With every server listed, snapshots younger than snapshot_grace_seconds survive even
-    when nothing refers to them (the plugin may be about to hand one to vLLM)."""
-    daemon = make_daemon(snapshot_grace_seconds=300)
+    """Snapshots younger than snapshot_grace_seconds survive even when nothing refers to
+    them (the plugin may be about to hand one to vLLM)."""
+    daemon = make_daemon()
     old = await publish(daemon, cache, seed=1)
     await publish(daemon, cache, seed=2)
-    for r in daemon.reconcilers:
-        r.listed = True
-    await daemon._collect()
+    await collector_for(daemon, User(), grace=300).collect()
     assert old.path.is_dir()
     assert snapshot_of(daemon, "a").path.is_dir()
 
@@ -410,153 +437,164 @@ async def test_collect_keeps_referenced_and_recent_snapshots(
 async def test_collect_removes_old_unreferenced_snapshots(
     make_daemon: MakeDaemon, cache: Path, state: Path
 ) -> None:
-    """Past the grace period, a snapshot neither the catalog nor any server refers to is
-    removed; the catalog's and the ones a server lists as loaded are kept."""
-    daemon = make_daemon(snapshot_grace_seconds=0)
+    """Past the grace period, a snapshot neither the catalog nor any server uses is removed;
+    the catalog's and the ones a server lists as loaded are kept."""
+    daemon = make_daemon()
     first = await publish(daemon, cache, seed=1)
     second = await publish(daemon, cache, seed=2)
     current = await publish(daemon, cache, seed=3)
     write_adapter(cache / "org" / "b")
-    await daemon.refresh("org/b", published=True)
+    await daemon.intake.refresh("org/b", published=True)
     b = snapshot_of(daemon, "org/b")
     shutil.rmtree(cache / "org")
-    await daemon.refresh("org/b")
-    rec = daemon.reconcilers[0]
-    rec.listed = True
-    rec.actual = {"a": str(second.path)}  # the server still serves the previous one
+    await daemon.intake.refresh("org/b")
+    server = User(using={str(second.path)})  # the server still serves the previous one
     with capture_logs() as logs:
-        await daemon._collect()
+        removed = await collector_for(daemon, server).collect()
     collected = [e for e in logs if e["event"] == "snapshots_collected"]
-    assert [e["removed"] for e in collected] == [2]  # told once, with what went
+    assert [e["count"] for e in collected] == [2]  # told once, with what went
+    assert sorted(map(str, removed)) == sorted([str(first.path), str(b.path)])
     assert not first.path.exists()
     assert second.path.is_dir()
     assert current.path.is_dir()
     assert not b.path.exists()
     assert not (state / "snapshots" / "org").exists()  # empty name folders go too
+    with capture_logs() as logs:
+        assert await collector_for(daemon, server).collect() == []
+    assert [e for e in logs if e["event"] == "snapshots_collected"] == []  # nothing: no line
+
+
+async def test_grace_counts_from_the_release_not_from_the_creation(
+    make_daemon: MakeDaemon, cache: Path
+) -> None:
+    """A days-old snapshot a server unloaded a moment ago is kept for the grace period:
+    requests vLLM accepted before the unload may still read it (vllm#5105)."""
+    daemon = make_daemon()
+    old = await publish(daemon, cache, seed=1)
+    server = User(using={str(old.path)})
+    await publish(daemon, cache, seed=2)
+    days = time.time() - 3 * 86400
+    os.utime(old.path, (days, days))
+    server.release(str(old.path))
+    collector = collector_for(daemon, server, grace=0.3)
+    await collector.collect()
+    assert old.path.is_dir()
+    await asyncio.sleep(0.35)
+    await collector.collect()
+    assert not old.path.exists()
+    assert server.gone == {}
 
 
 async def test_collect_keeps_a_snapshot_whose_load_is_in_flight(
     make_daemon: MakeDaemon, cache: Path
 ) -> None:
-    """A snapshot the catalog no longer refers to but that a server was just asked to load (no
-    answer or listing since) is kept: vLLM may be reading it, and deleting files under a load
-    can kill its engine. The next listing releases it."""
-    daemon = make_daemon(snapshot_grace_seconds=0)
+    """A snapshot the catalog no longer refers to but that a server may be reading (a load in
+    flight) is kept: deleting files under a load can kill vLLM's engine."""
+    daemon = make_daemon()
     first = await publish(daemon, cache, seed=1)
     await publish(daemon, cache, seed=2)
-    rec = daemon.reconcilers[0]
-    rec.listed = True
-    rec.loading = str(first.path)
-    await daemon._collect()
+    server = User(using={str(first.path)})
+    await collector_for(daemon, server).collect()
     assert first.path.is_dir()
-    rec.loading = None
-    await daemon._collect()
+    server.using.clear()
+    await collector_for(daemon, server).collect()
     assert not first.path.exists()
-
-
-async def test_collection_is_due_only_when_a_sync_can_free_a_snapshot(
-    make_daemon: MakeDaemon,
-) -> None:
-    """A collection walks every snapshot on disk: it is scheduled when every server has been
-    listed for the first time and when a server stops holding a snapshot, not after a load."""
-    daemon = make_daemon()
-    rec = daemon.reconcilers[0]
-    daemon._gc_due = False
-    daemon._server_changed()
-    assert not daemon._gc_due  # not listed yet: nothing may be collected
-    rec.listed, rec.actual = True, {"a": "/s/a/1"}
-    daemon._server_changed()
-    assert daemon._gc_due
-    daemon._gc_due = False
-    rec.actual = {"a": "/s/a/1", "b": "/s/b/1"}  # a load
-    daemon._server_changed()
-    assert not daemon._gc_due
-    rec.actual = {"a": "/s/a/2", "b": "/s/b/1"}  # a replaced: /s/a/1 may go
-    daemon._server_changed()
-    assert daemon._gc_due
 
 
 async def test_collect_survives_a_failing_store(
     make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An OSError while collecting is logged, not raised into the hint loop."""
+    """An OSError while collecting is logged, not raised into the collector's loop."""
     daemon = make_daemon()
-    for r in daemon.reconcilers:
-        r.listed = True
 
     def broken(keep: object, **kwargs: object) -> list[Path]:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(daemon.store, "collect", broken)
-    await daemon._collect()
+    with capture_logs() as logs:
+        assert await collector_for(daemon, User()).collect() == []
+    assert "snapshot_collect_failed" in [e["event"] for e in logs]
 
 
-# --- the hint loop, the resync timer, signals ---------------------------------------------------
+# --- the intake loop, the collector loop, the resync timer, signals ----------------------------
 
 
-async def test_hint_consumer_applies_hints_and_collects(
-    make_daemon: MakeDaemon, cache: Path
+async def test_intake_takes_hints_and_one_failing_folder_does_not_stop_the_others(
+    make_daemon: MakeDaemon, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The consumer task applies queued hints in batches, and the collector task runs the
-    snapshot collection they made due; a failing batch is logged and the loop goes on."""
+    """The intake task takes hints in batches; a folder whose step fails unexpectedly is
+    logged with its name, and the other folders of the same batch are still taken."""
     daemon = make_daemon()
-    real_apply = daemon._apply
-    calls: list[list[Hint]] = []
+    real_check = daemon.store.create
 
-    async def flaky(hints: list[Hint]) -> None:
-        calls.append(hints)
-        if len(calls) == 1:
+    def flaky(adapter: Any, rules: Any) -> Snapshot:
+        if adapter.name == "bad":
             raise RuntimeError("boom")
-        await real_apply(hints)
+        return real_check(adapter, rules)
 
-    daemon._apply = flaky  # type: ignore[method-assign]  # the test wraps it
-    write_adapter(cache / "a")
-    task = asyncio.create_task(daemon._consume())
-    collector = asyncio.create_task(daemon._collector())
+    monkeypatch.setattr(daemon.store, "create", flaky)
+    write_adapter(cache / "bad")
+    write_adapter(cache / "good", seed=1)
+    task = asyncio.create_task(daemon.intake.run())
     try:
         with capture_logs() as logs:
-            daemon._queue.put_nowait(Hint(("a",), published=True))
-            await until(lambda: len(calls) >= 1)
-            daemon._queue.put_nowait(Hint(("a",), published=True))
-            daemon._queue.put_nowait(Hint(("a", "adapter_config.json")))
-            await until(lambda: (r := daemon.catalog.get("a")) is not None and r.valid)
-            await until(lambda: not daemon._gc_due)
-        assert "hint_failed" in [e["event"] for e in logs]
-        record = daemon.catalog.get("a")
-        assert record is not None
-        assert record.valid
+            daemon.intake.hints.put(Hint(("bad",), published=True))
+            daemon.intake.hints.put(Hint(("good",), published=True))
+            await until(lambda: (r := daemon.catalog.get("good")) is not None and r.servable)
+        failed = [e for e in logs if e["event"] == "adapter_intake_failed"]
+        assert [e["adapter"] for e in failed] == ["bad"]
     finally:
         task.cancel()
-        collector.cancel()
-        await asyncio.gather(task, collector, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_collection_runs_as_soon_as_it_is_due(make_daemon: MakeDaemon, cache: Path) -> None:
-    """The first listing of every server frees what is unreferenced at once, without waiting
-    for a hint or the next resync."""
-    daemon = make_daemon(snapshot_grace_seconds=0)
+async def test_a_hint_storm_for_one_folder_is_one_inspection(
+    make_daemon: MakeDaemon, cache: Path
+) -> None:
+    """8,000 modify hints for one folder (a 1 GB copy in 128 KiB writes) are one entry and
+    one inspection, not 8,000 thread hops."""
+    daemon = make_daemon()
+    write_adapter(cache / "a")
+    for _ in range(8000):
+        daemon.intake.hints.put(Hint(("a", "adapter_model.safetensors")))
+    daemon.intake.hints.put(Hint(("a",), published=True))
+    assert daemon.intake.hints.pending() == 2
+    await daemon.intake.apply(await daemon.intake.hints.get())
+    inspected = daemon.metrics.registry.get_sample_value(
+        "lorawarm_inspections_total", {"verdict": "valid"}
+    )
+    assert inspected == 1
+
+
+async def test_collector_runs_as_soon_as_a_release_is_past_its_grace(
+    make_daemon: MakeDaemon, cache: Path
+) -> None:
+    """The collector task removes a released snapshot once its grace is over, without
+    waiting for a hint or the next periodic run."""
+    daemon = make_daemon()
     old = await publish(daemon, cache, seed=1)
+    server = User(using={str(old.path)})
     await publish(daemon, cache, seed=2)
-    collector = asyncio.create_task(daemon._collector())
+    collector = collector_for(daemon, server, grace=0.2)
+    task = asyncio.create_task(collector.run())
     try:
-        await asyncio.sleep(0.05)
-        assert old.path.is_dir()  # no server listed yet
-        daemon.reconcilers[0].listed = True
-        daemon._server_changed()
-        await until(lambda: not old.path.exists())
+        await asyncio.sleep(0.1)
+        assert old.path.is_dir()  # the server still uses it
+        server.release(str(old.path))
+        await until(lambda: not old.path.exists(), within=3)
         assert snapshot_of(daemon, "a").path.is_dir()
     finally:
-        collector.cancel()
-        await asyncio.gather(collector, return_exceptions=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_resync_timer_queues_full_rescans(make_daemon: MakeDaemon) -> None:
     """Every resync_seconds the daemon asks itself for a full rescan."""
     daemon = make_daemon(resync_seconds=0.05)
-    task = asyncio.create_task(daemon._resync_loop())
+    task = asyncio.create_task(daemon.intake.run())
     try:
-        hint = await asyncio.wait_for(daemon._queue.get(), timeout=2)
-        assert hint == Hint(())
+        hints = await asyncio.wait_for(daemon.intake.hints.get(), timeout=2)
+        assert hints == [Hint(())]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -565,13 +603,13 @@ async def test_resync_timer_queues_full_rescans(make_daemon: MakeDaemon) -> None
 async def test_signal_handlers_only_set_flags(make_daemon: MakeDaemon) -> None:
     """SIGTERM/first SIGINT only ask to stop; SIGHUP only queues a rescan."""
     daemon = make_daemon()
-    assert not daemon._stop.is_set()
-    daemon._on_sigint()
-    assert daemon._stop.is_set()
+    assert not daemon.stop_requested
+    daemon.interrupt()
+    assert daemon.stop_requested
     daemon.request_stop()
-    assert daemon._stop.is_set()
-    daemon.rescan_soon()
-    assert daemon._queue.get_nowait() == Hint(())
+    assert daemon.stop_requested
+    daemon.intake.rescan_soon()
+    assert await daemon.intake.hints.get() == [Hint(())]
 
 
 # --- the status source ------------------------------------------------------------------------
@@ -582,8 +620,8 @@ async def test_daemon_is_the_status_source(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon(vllm_urls=["http://127.0.0.1:9/", "http://127.0.0.1:10"])
     assert not daemon.ready
     assert daemon.server_urls == ["http://127.0.0.1:9", "http://127.0.0.1:10"]
-    assert [s.url for s in daemon.server_statuses()] == daemon.server_urls
-    await daemon.rescan()
+    assert [s.status.url for s in daemon.servers] == daemon.server_urls
+    await daemon.intake.rescan()
     assert not daemon.ready  # run() sets it after the first scan
 
 

@@ -3,15 +3,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorawarm.catalog import AdapterRecord, AdapterState, Catalog, ServerAdapter, ServerState
+from lorawarm.catalog import (
+    AdapterRecord,
+    AdapterState,
+    Catalog,
+    ServerAdapter,
+    ServerState,
+    adapter_state,
+)
+from lorawarm.inspection import Reason
 from lorawarm.reconcile import Plan, backoff, plan
-from lorawarm.snapshot import Snapshot
+from lorawarm.snapshot import Snapshot, SnapshotReason
 
 State = tuple[list[tuple[str, str]], dict[str, str], frozenset[str], frozenset[str]]
 
@@ -193,18 +204,27 @@ class _Min(random.Random):
 # --- the warm set -----------------------------------------------------------------------------
 
 
-def rec(name: str, mtime: float, *, valid: bool = True, reason: str | None = None) -> AdapterRecord:
+def rec(
+    name: str,
+    mtime: float,
+    *,
+    valid: bool = True,
+    reason: Reason | SnapshotReason | None = None,
+) -> AdapterRecord:
     """A record with a snapshot (when valid) and files last changed at `mtime`."""
-    snap = Snapshot(name, "0" * 32, Path(f"/state/snapshots/{name}/{'0' * 32}")) if valid else None
     return AdapterRecord(
         name=name,
         source_path=Path(f"/drop/{name}"),
         settling=False,
-        snapshot=snap,
+        snapshot=snap(name) if valid else None,
         reason=reason,
         newest_mtime=mtime,
         validated_at=1.0,
     )
+
+
+def snap(name: str, digest: str = "0" * 32) -> Snapshot:
+    return Snapshot(name, digest, Path(f"/state/snapshots/{name}/{digest}"))
 
 
 def catalog(
@@ -225,6 +245,7 @@ def test_desired_is_newest_first_with_paths() -> None:
     cat = catalog(rec("old", 1), rec("new", 3), rec("mid-b", 2), rec("mid-a", 2))
     assert names(cat) == ["new", "mid-a", "mid-b", "old"]
     assert cat.desired()[0] == ("new", f"/state/snapshots/new/{'0' * 32}")
+    assert cat.desired_paths() == dict(cat.desired())
 
 
 def test_pinned_come_first_even_when_old() -> None:
@@ -246,18 +267,27 @@ def test_pinned_beyond_the_limit_are_all_kept() -> None:
 
 
 def test_invalid_and_unsnapshotted_are_excluded() -> None:
-    """Invalid, failed and settling adapters are not in the warm set, pinned or not, and do
-    not take a place under the limit."""
+    """Invalid, failed and settling adapters (no snapshot) are not in the warm set, pinned or
+    not, and do not take a place under the limit."""
     cat = catalog(
-        rec("bad", 9, valid=False, reason="rank_too_large"),
+        rec("bad", 9, valid=False, reason=Reason.RANK_TOO_LARGE),
         rec("settling", 9, valid=False),
-        rec("stale", 9, reason="snapshot_failed"),  # a snapshot but a reason: not valid
+        rec("nosnap", 9, valid=False, reason=SnapshotReason.SNAPSHOT_FAILED),
         rec("ok", 1),
         rec("ok2", 0),
         pinned=("bad",),
         limit=1,
     )
     assert names(cat) == ["ok"]
+
+
+def test_a_snapshot_stays_warm_while_newer_content_is_invalid() -> None:
+    """A record with a snapshot and a reason (its folder's newer content is refused) keeps
+    its last valid snapshot in the warm set, and it is servable."""
+    stale = rec("stale", 9, reason=SnapshotReason.SNAPSHOT_FAILED)
+    cat = catalog(stale, rec("ok", 1), limit=1)
+    assert stale.servable
+    assert names(cat) == ["stale"]
 
 
 def test_pins_of_unknown_names_are_ignored() -> None:
@@ -267,44 +297,122 @@ def test_pins_of_unknown_names_are_ignored() -> None:
 
 def test_empty_catalog_has_empty_warm_set() -> None:
     """No adapters, no warm set."""
-    assert catalog().desired() == []
+    assert list(catalog().desired()) == []
 
 
 def test_catalog_bookkeeping() -> None:
-    """Records iterate by name; get/remove/names/len and snapshot_paths agree."""
+    """Records iterate in insertion order and by_name() sorted; get/remove/names/len and the
+    snapshots in use agree."""
     cat = catalog(rec("b", 1), rec("a", 2), rec("c", 0, valid=False))
-    assert [r.name for r in cat] == ["a", "b", "c"]
+    assert [r.name for r in cat] == ["b", "a", "c"]
+    assert [r.name for r in cat.by_name()] == ["a", "b", "c"]
     assert len(cat) == 3
     assert cat.names() == {"a", "b", "c"}
-    assert cat.snapshot_paths() == {Path(f"/state/snapshots/{n}/{'0' * 32}") for n in ("a", "b")}
+    assert cat.snapshots_in_use() == {f"/state/snapshots/{n}/{'0' * 32}" for n in ("a", "b")}
     removed = cat.remove("b")
     assert removed is not None
     assert removed.name == "b"
     assert cat.remove("b") is None
     assert cat.get("b") is None
+    assert [r.name for r in cat.by_name()] == ["a", "c"]
+    assert cat.snapshots_in_use() == {f"/state/snapshots/a/{'0' * 32}"}
+
+
+# --- the catalog's versions, cache and subscribers ------------------------------------------
+
+
+def test_writes_move_the_versions() -> None:
+    """add/remove/set_snapshot move `version` and `warm_version`; touch() and setting the same
+    snapshot again move only `version`; adding or removing an unservable record leaves the warm
+    set's version alone."""
+    cat = catalog()
+    a = rec("a", 1)
+    steps: list[tuple[Callable[[], object], bool]] = [
+        (lambda: cat.add(a), True),
+        (cat.touch, False),
+        (lambda: cat.set_snapshot(a, a.snapshot, newest_mtime=1), False),
+        (lambda: cat.set_snapshot(a, snap("a", "1" * 32), newest_mtime=2), True),
+        (lambda: cat.add(rec("bad", 1, valid=False, reason=Reason.BAD_FIELD)), False),
+        (lambda: cat.remove("bad"), False),
+        (lambda: cat.set_snapshot(a, None), True),
+        (lambda: cat.remove("a"), False),
+    ]
+    for write, warm in steps:
+        before = (cat.version, cat.warm_version)
+        write()
+        assert cat.version == before[0] + 1
+        assert cat.warm_version == before[1] + (1 if warm else 0)
+
+
+def test_desired_is_cached_per_warm_version() -> None:
+    """desired() is computed once per warm_version (the same object until the warm set
+    changes); set_snapshot re-orders it by the new newest_mtime."""
+    a, b = rec("a", 2), rec("b", 1)
+    cat = catalog(a, b)
+    first = cat.desired()
+    cat.touch()
+    assert cat.desired() is first
+    cat.set_snapshot(b, snap("b", "1" * 32), newest_mtime=3)
+    assert names(cat) == ["b", "a"]
+    assert cat.desired_paths()["b"] == f"/state/snapshots/b/{'1' * 32}"
+
+
+async def test_subscribers_are_set_when_the_warm_set_changes() -> None:
+    """A subscribed event is set by a change of the warm set, not by a status-only change."""
+    cat = catalog()
+    event = asyncio.Event()
+    cat.subscribe(event)
+    a = rec("a", 1)
+    cat.add(a)
+    assert event.is_set()
+    event.clear()
+    cat.touch()
+    cat.set_snapshot(a, a.snapshot, newest_mtime=1)
+    assert not event.is_set()
+    cat.set_snapshot(a, snap("a", "1" * 32), newest_mtime=2)
+    assert event.is_set()
+
+
+def test_released_snapshots_are_counted_per_record() -> None:
+    """A snapshot path is released (with the wall time) only when no record points to it any
+    more; pointing a record at it again takes it back; forget_released drops it."""
+    shared = snap("x")
+    one = rec("one", 1)
+    two = rec("two", 1)
+    cat = catalog(one, two)
+    cat.set_snapshot(one, shared, newest_mtime=1)
+    cat.set_snapshot(two, shared, newest_mtime=1)
+    old_one, old_two = f"/state/snapshots/one/{'0' * 32}", f"/state/snapshots/two/{'0' * 32}"
+    assert set(cat.released()) == {old_one, old_two}
+    cat.remove("one")
+    assert str(shared.path) in cat.snapshots_in_use()
+    assert str(shared.path) not in cat.released()
+    before = time.time()
+    cat.set_snapshot(two, None)
+    assert str(shared.path) not in cat.snapshots_in_use()
+    assert before <= cat.released()[str(shared.path)] <= time.time()
+    cat.set_snapshot(two, shared, newest_mtime=1)
+    assert str(shared.path) not in cat.released()
+    cat.forget_released([old_one, old_two])
+    assert cat.released() == {}
 
 
 # --- an adapter's overall state ---------------------------------------------------------------
 
-URLS = ["http://s1", "http://s2"]
 
-
-def with_servers(*states: ServerState) -> AdapterRecord:
-    r = rec("a", 1)
-    r.servers = {u: ServerAdapter(state=s) for u, s in zip(URLS, states, strict=False)}
-    return r
+def state_of(*states: ServerState) -> AdapterState:
+    """The overall state of a valid record whose servers say `states`."""
+    return adapter_state(rec("a", 1), [ServerAdapter(state=s) for s in states])
 
 
 def test_state_summarises_the_servers() -> None:
     """loaded on all servers -> loaded; failed on any -> failed; cold on all -> cold; else
-    pending (a server without an entry yet counts as pending)."""
-    assert with_servers(ServerState.LOADED, ServerState.LOADED).state(URLS) is AdapterState.LOADED
-    assert with_servers(ServerState.LOADED, ServerState.FAILED).state(URLS) is AdapterState.FAILED
-    assert with_servers(ServerState.COLD, ServerState.COLD).state(URLS) is AdapterState.COLD
-    assert with_servers(ServerState.LOADED, ServerState.PENDING).state(URLS) is (
-        AdapterState.PENDING
-    )
-    assert with_servers(ServerState.LOADED).state(URLS) is AdapterState.PENDING
+    pending."""
+    assert state_of(ServerState.LOADED, ServerState.LOADED) is AdapterState.LOADED
+    assert state_of(ServerState.LOADED, ServerState.FAILED) is AdapterState.FAILED
+    assert state_of(ServerState.COLD, ServerState.COLD) is AdapterState.COLD
+    assert state_of(ServerState.LOADED, ServerState.PENDING) is AdapterState.PENDING
+    assert state_of(ServerState.LOADED, ServerState.COLD) is AdapterState.PENDING
 
 
 def test_state_before_and_without_a_snapshot() -> None:
@@ -312,17 +420,17 @@ def test_state_before_and_without_a_snapshot() -> None:
     the snapshot could not be made; with no servers configured a valid one is pending."""
     settling = rec("a", 1, valid=False)
     settling.validated_at = None
-    assert settling.state(URLS) is AdapterState.SETTLING
-    assert rec("a", 1, valid=False, reason="rank_too_large").state(URLS) is AdapterState.INVALID
-    failed = rec("a", 1, valid=False, reason="snapshot_failed")
-    failed.validated_at = None
-    assert failed.state(URLS) is AdapterState.FAILED
-    assert rec("a", 1).state([]) is AdapterState.PENDING
+    assert adapter_state(settling, []) is AdapterState.SETTLING
+    invalid = rec("a", 1, valid=False, reason=Reason.RANK_TOO_LARGE)
+    assert adapter_state(invalid, []) is AdapterState.INVALID
+    failed = rec("a", 1, valid=False, reason=SnapshotReason.SNAPSHOT_FAILED)
+    assert adapter_state(failed, []) is AdapterState.FAILED
+    assert adapter_state(rec("a", 1), []) is AdapterState.PENDING
 
 
-def test_server_entry_is_created_on_demand() -> None:
-    """record.server(url) creates a pending entry once and returns the same one after."""
-    r = rec("a", 1)
-    entry = r.server("http://s1")
-    assert entry.state is ServerState.PENDING
-    assert r.server("http://s1") is entry
+def test_servable_means_it_has_a_snapshot() -> None:
+    """`servable` is True exactly when the record has a snapshot, whatever its reason."""
+    assert rec("a", 1).servable
+    assert rec("a", 1, reason=Reason.RANK_TOO_LARGE).servable
+    assert not rec("a", 1, valid=False).servable
+    assert not rec("a", 1, valid=False, reason=Reason.RANK_TOO_LARGE).servable

@@ -17,12 +17,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorawarm.catalog import AdapterRecord, AdapterState, Catalog, ServerState
-from lorawarm.inspection import Rules, Valid, inspect_adapter
+from lorawarm.catalog import (
+    AdapterRecord,
+    AdapterState,
+    Catalog,
+    ServerAdapter,
+    ServerState,
+    adapter_state,
+)
+from lorawarm.inspection import Reason, Rules, Valid, inspect_adapter
 from lorawarm.metrics import Metrics
-from lorawarm.reconcile import ServerCondition, ServerReconciler
+from lorawarm.reconcile import ServerReconciler
 from lorawarm.snapshot import Snapshot, SnapshotStore
-from lorawarm.vllm_client import VllmClient
+from lorawarm.vllm_client import Condition, VllmClient
 from tests.support import vllm_responses as recorded
 from tests.support.fake_vllm import ROUTES, FakeVllm
 from tests.unit.adapters import write_adapter
@@ -216,11 +223,28 @@ def path(catalog: Catalog, name: str) -> str:
     return str(record.snapshot.path)
 
 
-def entry_state(catalog: Catalog, name: str) -> tuple[ServerState, str | None]:
+def outcome(rec: ServerReconciler, catalog: Catalog, name: str) -> ServerAdapter:
+    """What `rec` says of the adapter `name` (which must have a snapshot)."""
     record = catalog.get(name)
     assert record is not None
-    entry = record.servers[URL]
+    entry = rec.outcome(record)
+    assert entry is not None
+    return entry
+
+
+def entry_state(
+    rec: ServerReconciler, catalog: Catalog, name: str
+) -> tuple[ServerState, str | None]:
+    entry = outcome(rec, catalog, name)
     return entry.state, entry.condition
+
+
+def overall(rec: ServerReconciler, catalog: Catalog, name: str) -> AdapterState:
+    """The adapter's overall state with `rec` as the only server."""
+    record = catalog.get(name)
+    assert record is not None
+    entry = rec.outcome(record)
+    return adapter_state(record, [] if entry is None else [entry])
 
 
 def forget(catalog: Catalog, name: str) -> None:
@@ -228,9 +252,9 @@ def forget(catalog: Catalog, name: str) -> None:
     catalog.remove(name)
 
 
-def server_state(catalog: Catalog, name: str) -> ServerState | None:
+def server_state(rec: ServerReconciler, catalog: Catalog, name: str) -> ServerState | None:
     record = catalog.get(name)
-    entry = None if record is None else record.servers.get(URL)
+    entry = None if record is None else rec.outcome(record)
     return None if entry is None else entry.state
 
 
@@ -282,13 +306,11 @@ async def test_loads_the_warm_set_in_order_one_at_a_time(adapters: Adapters) -> 
         assert Path(request.path).is_relative_to(adapters.store.root)
     assert fake.registry == {n: path(cat, n) for n in ("old", "new", "mid")}
     for name in ("old", "new", "mid"):
-        assert entry_state(cat, name) == (ServerState.LOADED, None)
-        record = cat.get(name)
-        assert record is not None
-        assert record.state([URL]) is AdapterState.LOADED
-        assert record.servers[URL].attempts == 1
-        assert record.servers[URL].loaded_path == path(cat, name)
-    assert rec.status.condition == ServerCondition.OK
+        assert entry_state(rec, cat, name) == (ServerState.LOADED, None)
+        assert overall(rec, cat, name) is AdapterState.LOADED
+        assert outcome(rec, cat, name).attempts == 1
+        assert outcome(rec, cat, name).loaded_path == path(cat, name)
+    assert rec.status.condition == Condition.OK
     assert rec.status.healthy
     assert (rec.status.loaded, rec.status.loads, rec.status.failures) == (3, 3, 0)
     assert rec.status.last_sync is not None
@@ -338,10 +360,8 @@ async def test_adapters_beyond_the_warm_limit_stay_cold(
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == [("load", "new", path(cat, "new"))]
-    assert entry_state(cat, "old") == (ServerState.COLD, None)
-    record = cat.get("old")
-    assert record is not None
-    assert record.state([URL]) is AdapterState.COLD
+    assert entry_state(rec, cat, "old") == (ServerState.COLD, None)
+    assert overall(rec, cat, "old") is AdapterState.COLD
 
 
 async def test_pushed_out_of_the_warm_set_is_unloaded(
@@ -356,7 +376,7 @@ async def test_pushed_out_of_the_warm_set_is_unloaded(
     fake.calls.clear()
     await rec.sync()
     assert fake.ops() == [("unload", "b", None), ("load", "c", path(cat, "c"))]
-    assert entry_state(cat, "b") == (ServerState.COLD, None)
+    assert entry_state(rec, cat, "b") == (ServerState.COLD, None)
 
 
 # --- unloads ----------------------------------------------------------------------------------
@@ -388,14 +408,14 @@ async def test_replaced_adapter_is_unloaded_before_the_new_path_loads(
     old = path(cat, "a")
     record = cat.get("a")
     assert record is not None
-    record.snapshot = adapters.snapshot("a", seed=7)
+    cat.set_snapshot(record, adapters.snapshot("a", seed=7), newest_mtime=record.newest_mtime)
     new = path(cat, "a")
     assert new != old
     fake.calls.clear()
     await rec.sync()
     assert fake.ops() == [("unload", "a", None), ("load", "a", new)]
     assert fake.registry == {"a": new}
-    assert record.servers[URL].loaded_path == new
+    assert outcome(rec, cat, "a").loaded_path == new
     # Both loads were drop-to-ready events for a new snapshot.
     assert sample(rec, "lorawarm_drop_to_ready_seconds_count") == 2
 
@@ -410,10 +430,11 @@ async def test_invalid_adapter_is_unloaded_and_loses_its_server_entry(
     await rec.sync()
     record = cat.get("a")
     assert record is not None
-    record.snapshot, record.reason = None, "rank_too_large"
+    record.reason = Reason.RANK_TOO_LARGE
+    cat.set_snapshot(record, None)
     await rec.sync()
     assert fake.registry == {}
-    assert URL not in record.servers
+    assert rec.outcome(record) is None
 
 
 async def test_unload_of_a_name_vllm_already_forgot_is_fine(
@@ -429,7 +450,7 @@ async def test_unload_of_a_name_vllm_already_forgot_is_fine(
     fake.fail("unload", before=lambda: fake.registry.clear())
     await rec.sync()
     assert fake.calls[-1].status == 404
-    assert rec.status.condition == ServerCondition.OK
+    assert rec.status.condition == Condition.OK
     assert rec.actual == {"a": path(cat, "a")}
 
 
@@ -444,7 +465,7 @@ async def test_stale_snapshot_from_before_a_restart_is_unloaded(
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == [("unload", "gone", None)]
-    assert entry_state(cat, "a") == (ServerState.LOADED, None)
+    assert entry_state(rec, cat, "a") == (ServerState.LOADED, None)
 
 
 # --- adapters that are not ours ---------------------------------------------------------------
@@ -469,7 +490,6 @@ async def test_adapters_loaded_by_others_are_never_touched(
     assert fake.ops() == [("load", "a", path(cat, "a"))]
     assert fake.registry == {**theirs, "a": path(cat, "a")}
     assert rec.actual == {"a": path(cat, "a")}
-    assert rec.foreign == frozenset({*theirs, fake.served_model_name})
     assert rec.status.loaded == 1
 
 
@@ -484,10 +504,8 @@ async def test_name_taken_by_a_foreign_adapter_is_a_conflict(
     await rec.sync()
     assert fake.ops() == [("load", "b", path(cat, "b"))]
     assert fake.registry["a"] == "/opt/adapters/a"
-    assert entry_state(cat, "a") == (ServerState.FAILED, "name_taken")
-    record = cat.get("a")
-    assert record is not None
-    assert "rename the adapter folder" in (record.servers[URL].last_error or "")
+    assert entry_state(rec, cat, "a") == (ServerState.FAILED, "name_taken")
+    assert "rename the adapter folder" in (outcome(rec, cat, "a").last_error or "")
 
 
 async def test_adapter_named_like_the_base_model_is_a_conflict(
@@ -500,7 +518,7 @@ async def test_adapter_named_like_the_base_model_is_a_conflict(
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == []
-    assert entry_state(cat, fake.served_model_name) == (ServerState.FAILED, "name_taken")
+    assert entry_state(rec, cat, fake.served_model_name) == (ServerState.FAILED, "name_taken")
 
 
 # --- "already been loaded" --------------------------------------------------------------------
@@ -521,7 +539,7 @@ async def test_already_loaded_with_our_path_counts_as_loaded(
         ("load", 400),
         ("models", 200),
     ]
-    assert entry_state(cat, "a") == (ServerState.LOADED, None)
+    assert entry_state(rec, cat, "a") == (ServerState.LOADED, None)
     assert rec.status.failures == 0
     assert sample(rec, "lorawarm_failures_total", condition="rejected") == 0
     fake.calls.clear()
@@ -539,7 +557,7 @@ async def test_already_loaded_from_another_path_is_failed(
     fake.fail("load", before=lambda: fake.registry.update(a="/opt/adapters/a"))
     rec = make(fake, cat)
     await rec.sync()
-    state, condition = entry_state(cat, "a")
+    state, condition = entry_state(rec, cat, "a")
     assert state is ServerState.FAILED
     assert condition == "name_taken"
     assert fake.registry == {"a": "/opt/adapters/a"}
@@ -562,12 +580,10 @@ async def test_rejected_adapter_fails_with_vllms_message_while_others_load(
     await rec.sync()
     assert [op[1] for op in fake.ops()] == ["a", "b", "c"]
     assert fake.registry.keys() == {"a", "c"}
-    assert entry_state(cat, "b") == (ServerState.FAILED, "rejected")
-    record = cat.get("b")
-    assert record is not None
-    assert record.servers[URL].last_error == VLLM_RANK_MESSAGE
-    assert record.state([URL]) is AdapterState.FAILED
-    assert rec.status.condition == ServerCondition.OK
+    assert entry_state(rec, cat, "b") == (ServerState.FAILED, "rejected")
+    assert outcome(rec, cat, "b").last_error == VLLM_RANK_MESSAGE
+    assert overall(rec, cat, "b") is AdapterState.FAILED
+    assert rec.status.condition == Condition.OK
     assert sample(rec, "lorawarm_failures_total", condition="rejected") == 1
     assert sample(rec, "lorawarm_loads_total") == 2
 
@@ -585,7 +601,7 @@ async def test_rejected_adapter_is_retried_only_after_its_backoff(
     fake.calls.clear()
     await rec.sync()  # within the backoff (at least 0.1 s): b is not tried again
     assert fake.ops() == []
-    assert entry_state(cat, "b") == (ServerState.FAILED, "rejected")
+    assert entry_state(rec, cat, "b") == (ServerState.FAILED, "rejected")
     await asyncio.sleep(0.21)
     await rec.sync()  # due again: tried, rejected again
     assert fake.ops() == [("load", "b", path(cat, "b"))]
@@ -593,11 +609,9 @@ async def test_rejected_adapter_is_retried_only_after_its_backoff(
     await asyncio.sleep(0.21)
     await rec.sync()
     assert fake.registry.keys() == {"a", "b"}
-    assert entry_state(cat, "b") == (ServerState.LOADED, None)
-    record = cat.get("b")
-    assert record is not None
-    assert record.servers[URL].attempts == 3
-    assert record.servers[URL].last_error is None
+    assert entry_state(rec, cat, "b") == (ServerState.LOADED, None)
+    assert outcome(rec, cat, "b").attempts == 3
+    assert outcome(rec, cat, "b").last_error is None
     assert sample(rec, "lorawarm_failures_total", condition="rejected") == 2
 
 
@@ -614,7 +628,7 @@ async def test_a_new_snapshot_of_a_rejected_adapter_is_tried_at_once(
     fake.accept("a")
     record = cat.get("a")
     assert record is not None
-    record.snapshot = adapters.snapshot("a", seed=9)
+    cat.set_snapshot(record, adapters.snapshot("a", seed=9), newest_mtime=record.newest_mtime)
     await rec.sync()
     assert fake.registry == {"a": path(cat, "a")}
 
@@ -628,11 +642,9 @@ async def test_missing_snapshot_folder_is_a_rejection(
     rec = make(fake, cat)
     await rec.sync()
     assert fake.registry.keys() == {"b"}
-    state, condition = entry_state(cat, "a")
+    state, condition = entry_state(rec, cat, "a")
     assert (state, condition) == (ServerState.FAILED, "rejected")
-    record = cat.get("a")
-    assert record is not None
-    assert record.servers[URL].last_error == "Loading lora a failed: No adapter found for <path>"
+    assert outcome(rec, cat, "a").last_error == "Loading lora a failed: No adapter found for <path>"
 
 
 async def test_failed_adapter_removed_from_the_catalog_does_not_spin_the_loop(
@@ -647,7 +659,7 @@ async def test_failed_adapter_removed_from_the_catalog_does_not_spin_the_loop(
     task = asyncio.create_task(rec.run())
     rec.wake()  # as the daemon does once its first scan is done
     try:
-        await until(lambda: server_state(cat, "b") is ServerState.FAILED)
+        await until(lambda: server_state(rec, cat, "b") is ServerState.FAILED)
         cat.remove("b")
         rec.wake()
         await asyncio.sleep(0.5)
@@ -671,7 +683,7 @@ async def test_conflicting_adapter_does_not_spin_the_loop(
     task = asyncio.create_task(rec.run())
     rec.wake()  # as the daemon does once its first scan is done
     try:
-        await until(lambda: server_state(cat, "a") is ServerState.FAILED)
+        await until(lambda: server_state(rec, cat, "a") is ServerState.FAILED)
         await asyncio.sleep(0.3)
         fake.calls.clear()
         await asyncio.sleep(0.5)
@@ -698,10 +710,9 @@ async def test_unauthorized_marks_the_server_and_every_pending_adapter(
     assert rec.status.message == "missing or wrong API key"
     assert rec.status.healthy  # vLLM itself is fine
     for name in ("a", "b"):
-        assert entry_state(cat, name) == (ServerState.PENDING, "unauthorized")
-        record = cat.get(name)
-        assert record is not None
-        assert record.state([URL]) is AdapterState.PENDING
+        assert entry_state(rec, cat, name) == (ServerState.PENDING, "unauthorized")
+        assert overall(rec, cat, name) is AdapterState.PENDING
+        assert outcome(rec, cat, name).last_error == "missing or wrong API key"
     assert sample(rec, "lorawarm_failures_total", condition="unauthorized") == 1
     assert sample(rec, "lorawarm_server_up") == 0
     assert not rec.known
@@ -720,7 +731,7 @@ async def test_an_adapter_valid_during_the_backoff_says_why_it_waits(
     calls = len(fake.calls)
     cat.add(adapters.record("late", mtime=2000.0))
     rec.wake()
-    assert entry_state(cat, "late") == (ServerState.PENDING, "unauthorized")
+    assert entry_state(rec, cat, "late") == (ServerState.PENDING, "unauthorized")
     assert len(fake.calls) == calls  # told from what is known: no request for it
 
 
@@ -747,7 +758,7 @@ async def test_route_404_means_runtime_updates_disabled(
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in (rec.status.message or "")
     assert [op[1] for op in fake.ops()] == ["a"]  # the first call tells: no more are made
     for name in ("a", "b"):
-        assert entry_state(cat, name) == (ServerState.PENDING, "runtime_updates_disabled")
+        assert entry_state(rec, cat, name) == (ServerState.PENDING, "runtime_updates_disabled")
 
 
 async def test_engine_dead_during_a_load(adapters: Adapters, make: MakeReconciler) -> None:
@@ -758,7 +769,7 @@ async def test_engine_dead_during_a_load(adapters: Adapters, make: MakeReconcile
     await rec.sync()
     assert rec.status.condition == "engine_dead"
     assert not rec.status.healthy
-    assert entry_state(cat, "a") == (ServerState.PENDING, "engine_dead")
+    assert entry_state(rec, cat, "a") == (ServerState.PENDING, "engine_dead")
 
 
 async def test_health_503_is_engine_dead(adapters: Adapters, make: MakeReconciler) -> None:
@@ -774,7 +785,7 @@ async def test_health_503_is_engine_dead(adapters: Adapters, make: MakeReconcile
         fake.engine_alive = False
         await until(lambda: rec.status.condition == "engine_dead")
         assert not rec.status.healthy
-        assert entry_state(cat, "a") == (ServerState.PENDING, "engine_dead")
+        assert entry_state(rec, cat, "a") == (ServerState.PENDING, "engine_dead")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -806,7 +817,7 @@ async def test_unreachable_server(adapters: Adapters, make: MakeReconciler) -> N
     """A refused connection makes the server `unreachable` with the reason in its message;
     only valid adapters get the condition."""
     cat = adapters.catalog("a")
-    invalid = AdapterRecord(name="bad", source_path=adapters.drop / "bad", reason="bad_field")
+    invalid = AdapterRecord(name="bad", source_path=adapters.drop / "bad", reason=Reason.BAD_FIELD)
     cat.add(invalid)
     fake = FakeVllm(reachable=False)
     rec = make(fake, cat)
@@ -814,8 +825,9 @@ async def test_unreachable_server(adapters: Adapters, make: MakeReconciler) -> N
     assert rec.status.condition == "unreachable"
     assert "ConnectError" in (rec.status.message or "")
     assert not rec.status.healthy
-    assert entry_state(cat, "a") == (ServerState.PENDING, "unreachable")
-    assert invalid.servers == {}
+    assert entry_state(rec, cat, "a") == (ServerState.PENDING, "unreachable")
+    assert rec.outcome(invalid) is None
+    assert adapter_state(invalid, []) is AdapterState.INVALID
     assert rec.status.failures == 1
 
 
@@ -824,7 +836,6 @@ async def test_unreachable_server(adapters: Adapters, make: MakeReconciler) -> N
     [
         ("models", httpx.ConnectError, "unreachable"),
         ("models", httpx.ReadTimeout, "timeout"),
-        ("load", httpx.ReadTimeout, "timeout"),
         ("load", httpx.RemoteProtocolError, "unreachable"),
         ("unload", httpx.ConnectError, "unreachable"),
     ],
@@ -847,13 +858,152 @@ async def test_converges_once_the_fault_ends(
     await rec.sync()
     assert rec.status.condition == condition
     await rec.sync()
-    assert rec.status.condition == ServerCondition.OK
+    assert rec.status.condition == Condition.OK
     assert fake.registry == {n: path(cat, n) for n in ("a", "b", "c")}
     loads = [str(op[1]) for op in fake.ops("load")]
     assert sorted(set(loads)) == ["a", "b", "c"]
     assert loads.count("a") == 1
     for name in ("a", "b", "c"):
-        assert entry_state(cat, name) == (ServerState.LOADED, None)
+        assert entry_state(rec, cat, name) == (ServerState.LOADED, None)
+
+
+async def test_load_timeout_while_health_answers_fails_only_that_adapter(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """A load that times out while /health still answers fails that adapter (condition
+    timeout, its own backoff); the server stays ok and the adapters after it still load."""
+    cat = adapters.catalog("a", "b", "c")
+    fake = FakeVllm()
+    fake.fail("load")  # a loads normally, then b's load times out
+    fake.fail("load", raises=httpx.ReadTimeout)
+    rec = make(fake, cat, max_backoff=0.2)
+    await rec.sync()
+    assert [c.route for c in fake.calls] == ["models", "load", "load", "health", "models", "load"]
+    assert fake.registry.keys() == {"a", "c"}
+    assert entry_state(rec, cat, "b") == (ServerState.FAILED, "timeout")
+    assert overall(rec, cat, "b") is AdapterState.FAILED
+    assert (rec.status.condition, rec.status.healthy) == (Condition.OK, True)
+    assert sample(rec, "lorawarm_failures_total", condition="timeout") == 1
+    assert rec.status.failures == 1
+    fake.calls.clear()
+    await rec.sync()  # within b's backoff: not tried again, nothing else is held up
+    assert fake.ops() == []
+    await asyncio.sleep(0.21)
+    await rec.sync()
+    assert fake.ops() == [("load", "b", path(cat, "b"))]
+    assert entry_state(rec, cat, "b") == (ServerState.LOADED, None)
+    assert outcome(rec, cat, "b").attempts == 2
+
+
+async def test_timed_out_load_that_vllm_finished_is_adopted(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """A load whose answer timed out but which vLLM completed is found by the re-listing
+    right after it: the adapter is loaded, not failed, and not loaded a second time."""
+    cat = adapters.catalog("a")
+    fake = FakeVllm()
+    fake.fail(
+        "load",
+        before=lambda: fake.registry.update(a=path(cat, "a")),
+        raises=httpx.ReadTimeout,
+    )
+    rec = make(fake, cat)
+    await rec.sync()
+    assert entry_state(rec, cat, "a") == (ServerState.LOADED, None)
+    assert rec.actual == {"a": path(cat, "a")}
+    assert rec.status.condition == Condition.OK
+    fake.calls.clear()
+    await rec.sync()
+    assert [c.route for c in fake.calls] == ["models"]
+
+
+async def test_load_timeout_while_health_fails_too_is_server_wide(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """A load timeout when /health does not answer either is the server's problem: it goes
+    `timeout` and unhealthy, its adapters wait with that condition, and the next sync
+    converges."""
+    cat = adapters.catalog("a", "b")
+    fake = FakeVllm()
+    fake.fail("load", raises=httpx.ReadTimeout)
+    fake.fail("health", raises=httpx.ReadTimeout)
+    rec = make(fake, cat)
+    await rec.sync()
+    assert (rec.status.condition, rec.status.healthy) == (Condition.TIMEOUT, False)
+    assert [op[1] for op in fake.ops()] == ["a"]  # b is not tried against a server that is down
+    for name in ("a", "b"):
+        assert entry_state(rec, cat, name) == (ServerState.PENDING, "timeout")
+    assert sample(rec, "lorawarm_failures_total", condition="timeout") == 1
+    await rec.sync()
+    assert rec.status.condition == Condition.OK
+    assert fake.registry == {n: path(cat, n) for n in ("a", "b")}
+
+
+async def test_failed_health_probes_are_counted_once_per_outage(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """run(): a /health probe that starts failing counts one failure under its condition,
+    however many probes fail after it; the next outage counts again."""
+    cat = adapters.catalog("a")
+    fake = FakeVllm()
+    rec = make(fake, cat, resync=30.0, health=0.01)
+    task = asyncio.create_task(rec.run())
+    rec.wake()  # as the daemon does once its first scan is done
+    try:
+        for outage in (1, 2):
+            await until(lambda: fake.registry.keys() == {"a"} and rec.status.condition == "ok")
+            fake.engine_alive = False
+            await until(lambda: rec.status.condition == "engine_dead")
+            await asyncio.sleep(0.1)  # ~10 more failing probes
+            assert sample(rec, "lorawarm_failures_total", condition="engine_dead") == outage
+            fake.restart()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_snapshots_in_use_and_released_for_the_collector(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """A replaced snapshot leaves `snapshots_in_use()` for `released()` with the wall time it
+    left the server; `forget_released` drops it; the new one is in use."""
+    cat = adapters.catalog("a")
+    fake = FakeVllm()
+    rec = make(fake, cat)
+    await rec.sync()
+    old = path(cat, "a")
+    assert rec.snapshots_in_use() == {old}
+    assert rec.released() == {}
+    record = cat.get("a")
+    assert record is not None
+    cat.set_snapshot(record, adapters.snapshot("a", seed=4), newest_mtime=record.newest_mtime)
+    before = time.time()
+    await rec.sync()
+    new = path(cat, "a")
+    assert rec.snapshots_in_use() == {new}
+    assert set(rec.released()) == {old}
+    assert before <= rec.released()[old] <= time.time()
+    rec.forget_released([old])
+    assert rec.released() == {}
+
+
+async def test_a_snapshot_replaced_during_its_own_load_is_released_at_the_unload(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """An adapter replaced while vLLM loads it is unloaded right after, and its old snapshot
+    is in `released()` from that unload (the collector's grace counts from there)."""
+    cat = adapters.catalog("a")
+    record = cat.get("a")
+    assert record is not None
+    old = path(cat, "a")
+    newer = adapters.snapshot("a", seed=4)
+    fake = FakeVllm()
+    fake.fail("load", before=lambda: cat.set_snapshot(record, newer, newest_mtime=1.0))
+    rec = make(fake, cat)
+    await rec.sync()
+    assert fake.ops() == [("load", "a", old), ("unload", "a", None), ("load", "a", str(newer.path))]
+    assert old not in rec.snapshots_in_use()
+    assert old in rec.released()
 
 
 async def test_restarted_server_is_rewarmed_on_the_next_sync(
@@ -1001,28 +1151,48 @@ async def test_adapter_deleted_while_its_load_is_rejected(
     await rec.sync()
     assert fake.registry == {}
     assert rec.status.failures == 1
-    assert rec.status.condition == ServerCondition.OK
+    assert rec.status.condition == Condition.OK
 
 
-async def test_on_change_is_called_when_the_condition_changes(adapters: Adapters) -> None:
-    """The daemon's on_change hook hears about every sync and condition change."""
+async def test_version_moves_with_every_status_change(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """`version` is bumped by every sync and condition change (what the daemon watches to
+    know the status changed), and stays put while nothing happens."""
     cat = adapters.catalog("a")
     fake = FakeVllm(reachable=False)
-    calls: list[int] = []
-    client = VllmClient(URL, transport=fake.transport())
-    rec = ServerReconciler(
-        client,
-        cat,
-        adapters.store,
-        Metrics(),
-        resync_seconds=30,
-        health_seconds=30,
-        max_backoff=1,
-        on_change=lambda: calls.append(1),
-    )
+    rec = make(fake, cat)
+    before = rec.version
     await rec.sync()
-    assert len(calls) >= 2  # condition changed + sync finished
-    await client.aclose()
+    assert rec.version >= before + 2  # condition changed + sync finished
+    settled = rec.version
+    assert rec.version == settled
+    fake.reachable = True
+    await rec.sync()
+    assert rec.version > settled
+
+
+async def test_a_catalog_change_wakes_the_reconciler(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """run(): a change of the warm set wakes the reconciler through its catalog subscription
+    (no wake() call, no resync timer); a status-only change (touch) does not."""
+    cat = adapters.catalog("a")
+    fake = FakeVllm()
+    rec = make(fake, cat, resync=30.0, health=30.0)
+    task = asyncio.create_task(rec.run())
+    rec.wake()  # as the daemon does once its first scan is done
+    try:
+        await until(lambda: fake.registry.keys() == {"a"} and rec.status.condition == "ok")
+        fake.calls.clear()
+        cat.touch()
+        await asyncio.sleep(0.1)
+        assert [c.route for c in fake.calls if c.route != "health"] == []
+        cat.add(adapters.record("b", mtime=5000.0))
+        await until(lambda: fake.registry.keys() == {"a", "b"})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_metrics_move_with_the_work(adapters: Adapters, make: MakeReconciler) -> None:
@@ -1058,6 +1228,6 @@ async def test_a_load_is_in_flight_until_the_next_listing(
     fake.fail("load", before=lambda: seen.append(rec.loading))
     await rec.sync()
     assert path(cat, "a") in seen  # set while vLLM was answering the load
-    assert server_state(cat, "a") is ServerState.LOADED
+    assert server_state(rec, cat, "a") is ServerState.LOADED
     await rec.sync()
     assert rec.loading is None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,10 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorawarm import __version__
 from lorawarm.catalog import AdapterRecord, Catalog, ServerAdapter, ServerState
+from lorawarm.inspection import Reason
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
 from lorawarm.snapshot import Snapshot
 from lorawarm.status import create_app
+from lorawarm.vllm_client import Condition
 
 S1 = "http://vllm-1:8000"
 S2 = "http://vllm-2:8000"
@@ -32,26 +35,35 @@ def iso(ts: float) -> str:
 
 
 @dataclass
+class Server:
+    """One server as the status API reads it: a reconciler's url, status and outcomes."""
+
+    url: str
+    status: ServerStatus
+    outcomes: dict[str, ServerAdapter] = field(default_factory=dict)
+
+    def outcome(self, record: AdapterRecord) -> ServerAdapter | None:
+        """As a reconciler answers: nothing without a snapshot, pending when it has no word."""
+        if record.snapshot is None:
+            return None
+        return self.outcomes.get(record.name, ServerAdapter())
+
+
+@dataclass
 class Source:
     """A StatusSource as the daemon provides it."""
 
     catalog: Catalog
     metrics: Metrics
-    statuses: list[ServerStatus]
+    servers: list[Server]
     is_ready: bool = False
     drop_dir_ok: bool = True
-    urls: list[str] = field(default_factory=lambda: [S1, S2])
+    watch_problem: str | None = None
+    collection_held: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return self.is_ready
-
-    @property
-    def server_urls(self) -> list[str]:
-        return self.urls
-
-    def server_statuses(self) -> Sequence[ServerStatus]:
-        return self.statuses
 
 
 def snap(name: str) -> Snapshot:
@@ -75,54 +87,50 @@ def make_source() -> Source:
     """One adapter in each state: loaded, invalid, settling, failed (on one server), pending
     (org/name), cold."""
     cat = Catalog(pinned=[], warm_limit=None)
-    cat.add(
-        record(
-            "loaded",
-            snapshot=snap("loaded"),
-            servers={
-                S1: ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 3),
-                S2: ServerAdapter(ServerState.LOADED, attempts=2, loaded_at=T0 + 4),
-            },
-        )
-    )
-    cat.add(record("bad", reason="rank_too_large", message="rank 64 is above 16"))
+    cat.add(record("loaded", snapshot=snap("loaded")))
+    cat.add(record("bad", reason=Reason.RANK_TOO_LARGE, message="rank 64 is above 16"))
     cat.add(record("copying", settling=True, validated_at=None))
-    cat.add(
-        record(
-            "broken",
-            snapshot=snap("broken"),
-            servers={
-                S1: ServerAdapter(
-                    ServerState.FAILED,
-                    attempts=3,
-                    condition="rejected",
-                    last_error="Call to add_lora method failed: ...",
-                ),
-                S2: ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 5),
-            },
-        )
-    )
+    cat.add(record("broken", snapshot=snap("broken")))
     cat.add(record("org/waiting", snapshot=snap("org/waiting")))
-    cat.add(
-        record(
-            "chilly",
-            snapshot=snap("chilly"),
-            servers={S1: ServerAdapter(ServerState.COLD), S2: ServerAdapter(ServerState.COLD)},
-        )
-    )
-    statuses = [
+    cat.add(record("chilly", snapshot=snap("chilly")))
+    s1 = Server(
+        S1,
         ServerStatus(
-            url=S1, condition="ok", healthy=True, since=T0, last_sync=T0 + 9, loaded=1, loads=2
+            url=S1,
+            condition=Condition.OK,
+            healthy=True,
+            since=T0,
+            last_sync=T0 + 9,
+            loaded=1,
+            loads=2,
         ),
+        {
+            "loaded": ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 3),
+            "broken": ServerAdapter(
+                ServerState.FAILED,
+                attempts=3,
+                condition=Condition.REJECTED,
+                last_error="Call to add_lora method failed: ...",
+            ),
+            "chilly": ServerAdapter(ServerState.COLD),
+        },
+    )
+    s2 = Server(
+        S2,
         ServerStatus(
             url=S2,
-            condition="unreachable",
+            condition=Condition.UNREACHABLE,
             message="ConnectError: [Errno 111] Connection refused",
             since=T0 + 7,
             failures=4,
         ),
-    ]
-    return Source(cat, Metrics(), statuses)
+        {
+            "loaded": ServerAdapter(ServerState.LOADED, attempts=2, loaded_at=T0 + 4),
+            "broken": ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 5),
+            "chilly": ServerAdapter(ServerState.COLD),
+        },
+    )
+    return Source(cat, Metrics(), [s1, s2])
 
 
 Client = Callable[..., httpx.AsyncClient]
@@ -147,7 +155,12 @@ async def test_healthz_answers_with_the_version(client: Client) -> None:
     """/healthz is 200 {"status": "ok", "version"} as long as the loop answers."""
     response = await client(make_source()).get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "version": __version__, "drop_dir": "ok"}
+    assert response.json() == {
+        "status": "ok",
+        "version": __version__,
+        "drop_dir": "ok",
+        "watch": "ok",
+    }
 
 
 async def test_healthz_says_when_the_drop_dir_is_missing(client: Client) -> None:
@@ -173,11 +186,21 @@ async def test_readyz_is_503_until_the_first_scan_then_200(client: Client) -> No
     c = client(source)
     response = await c.get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"status": "starting", "version": __version__, "drop_dir": "ok"}
+    assert response.json() == {
+        "status": "starting",
+        "version": __version__,
+        "drop_dir": "ok",
+        "watch": "ok",
+    }
     source.is_ready = True
     response = await c.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "version": __version__, "drop_dir": "ok"}
+    assert response.json() == {
+        "status": "ready",
+        "version": __version__,
+        "drop_dir": "ok",
+        "watch": "ok",
+    }
 
 
 async def test_adapters_lists_every_record_with_counts(client: Client) -> None:
@@ -215,6 +238,8 @@ async def test_adapter_json_shape(client: Client) -> None:
         "state",
         "reason",
         "message",
+        "pending_reason",
+        "pending_message",
         "digest",
         "source_path",
         "snapshot_path",
@@ -289,6 +314,7 @@ async def test_servers_lists_conditions(client: Client) -> None:
                 "loads": 2,
                 "unloads": 0,
                 "failures": 0,
+                "collection_held": None,
             },
             {
                 "url": S2,
@@ -301,6 +327,7 @@ async def test_servers_lists_conditions(client: Client) -> None:
                 "loads": 0,
                 "unloads": 0,
                 "failures": 4,
+                "collection_held": None,
             },
         ]
     }
@@ -409,7 +436,78 @@ async def test_status_reads_live_state(client: Client) -> None:
     """The API reads the source on every request: a change shows at once."""
     source = make_source()
     c = client(source)
-    source.statuses[1].condition = "ok"
-    source.statuses[1].last_sync = time.time()
+    source.servers[1].status.condition = Condition.OK
+    source.servers[1].status.last_sync = time.time()
     body = (await c.get("/v1/servers")).json()
     assert body["servers"][1]["condition"] == "ok"
+
+
+async def test_healthz_reports_a_watch_problem(client: Client) -> None:
+    """/healthz stays 200 and carries the watcher's problem in `watch` (ok without one)."""
+    source = make_source()
+    c = client(source)
+    assert (await c.get("/healthz")).json()["watch"] == "ok"
+    source.watch_problem = "inotify watch limit reached (fs.inotify.max_user_watches)"
+    response = await c.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["watch"] == source.watch_problem
+
+
+async def test_readyz_does_not_claim_a_failed_watch_is_ok(client: Client) -> None:
+    """/readyz carries the same watch field; it must not say ok while events are not watched."""
+    source = make_source()
+    source.is_ready = True
+    source.watch_problem = "inotify watch limit reached"
+    assert (await client(source).get("/readyz")).json()["watch"] == "inotify watch limit reached"
+
+
+async def test_servers_say_why_collection_is_held(client: Client) -> None:
+    """/v1/servers shows, per server, why snapshot collection waits for it (null otherwise)."""
+    source = make_source()
+    source.collection_held = {S2: "never listed since lorawarm started"}
+    body = (await client(source).get("/v1/servers")).json()
+    held = {s["url"]: s["collection_held"] for s in body["servers"]}
+    assert held == {S1: None, S2: "never listed since lorawarm started"}
+
+
+async def test_newer_invalid_content_is_pending_beside_the_served_snapshot(
+    client: Client,
+) -> None:
+    """A record with a snapshot and a reason keeps its state from the servers (loaded): its
+    reason/message are null and pending_reason/pending_message say why the newer content is
+    not served."""
+    source = make_source()
+    served = source.catalog.get("loaded")
+    assert served is not None
+    served.reason = Reason.RANK_TOO_LARGE
+    served.message = "rank 64 is above 16"
+    source.catalog.touch()
+    body = (await client(source).get("/v1/adapters/loaded")).json()
+    assert body["state"] == "loaded"
+    assert (body["reason"], body["message"]) == (None, None)
+    assert (body["pending_reason"], body["pending_message"]) == (
+        "rank_too_large",
+        "rank 64 is above 16",
+    )
+    assert body["snapshot_path"] == f"/var/lib/lorawarm/snapshots/loaded/{DIGEST}"
+    bad = (await client(source).get("/v1/adapters/bad")).json()
+    assert (bad["reason"], bad["pending_reason"], bad["pending_message"]) == (
+        "rank_too_large",
+        None,
+        None,
+    )
+
+
+async def test_reading_the_status_writes_nothing(client: Client) -> None:
+    """GETs of every route leave the catalog (records and versions) and the servers as they
+    were."""
+    source = make_source()
+    records = copy.deepcopy(list(source.catalog))
+    servers = copy.deepcopy(source.servers)
+    versions = (source.catalog.version, source.catalog.warm_version)
+    c = client(source)
+    for route in ["/healthz", "/readyz", *PROTECTED, "/v1/adapters/org/waiting"]:
+        await c.get(route)
+    assert list(source.catalog) == records
+    assert source.servers == servers
+    assert (source.catalog.version, source.catalog.warm_version) == versions

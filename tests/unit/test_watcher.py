@@ -1,5 +1,5 @@
-"""The watcher: filesystem events to adapter-name hints, discovery of adapter folders, and a real
-watchdog observer (inotify and polling) feeding an asyncio queue."""
+"""The watcher: filesystem events to adapter-name hints, the pending-hint set (`Hints`), discovery
+of adapter folders, and a real watchdog observer (inotify and polling) feeding the loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from watchdog.events import (
 )
 
 from lorawarm.settle import fingerprint, fingerprint_of
-from lorawarm.watcher import Hint, Watcher, _Handler, discover, hint_for, resolve_hint, scan
+from lorawarm.watcher import Hint, Hints, Watcher, _Handler, hint_for, is_org, resolve_hint, scan
 
 
 @pytest.fixture
@@ -137,13 +137,117 @@ def test_handler_never_lets_an_exception_escape(root: Path) -> None:
     assert logs[0]["log_level"] == "error"
 
 
-def test_deliver_after_the_loop_closed_is_silent(root: Path) -> None:
-    """A late event while the daemon shuts down (loop closed) is dropped quietly."""
+def test_deliver_after_the_loop_closed_is_silent() -> None:
+    """A late event while the daemon shuts down (loop closed) raises nothing into the
+    observer thread; it only waits among the pending hints."""
     loop = asyncio.new_event_loop()
     loop.close()
-    queue: asyncio.Queue[Hint] = asyncio.Queue()
-    Watcher(root, loop, queue)._deliver(Hint(("a",)))
-    assert queue.empty()
+    hints = Hints(loop)
+    hints.put(Hint(("a",)))
+    assert hints.pending() == 1
+
+
+# --- Hints ------------------------------------------------------------------------------------
+
+
+async def test_hints_deduplicate_one_folder_and_wake_the_loop_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1,000 puts for one folder are one pending entry and cost one hop to the loop."""
+    loop = asyncio.get_running_loop()
+    hops: list[object] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Callable[..., object], *args: object) -> asyncio.Handle:
+        hops.append(callback)
+        return real(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    hints = Hints(loop)
+    for _ in range(1000):
+        hints.put(Hint(("a", "adapter_model.safetensors")))
+    assert hints.pending() == 1
+    assert len(hops) == 1
+    assert await hints.get() == [Hint(("a", "adapter_model.safetensors"))]
+    assert hints.pending() == 0
+    hints.put(Hint(("a", "adapter_model.safetensors")))  # a new batch: one more hop
+    assert len(hops) == 2
+
+
+async def test_hints_keep_a_publish_seen_among_plain_hints() -> None:
+    """A folder hinted plainly and as published is one entry that stays published."""
+    hints = Hints(asyncio.get_running_loop())
+    hints.put(Hint(("a",)))
+    hints.put(Hint(("a",), published=True))
+    hints.put(Hint(("a",)))
+    assert await hints.get() == [Hint(("a",), published=True)]
+
+
+async def test_hints_put_a_requested_rescan_first() -> None:
+    """A hint for the drop directory itself comes back first, as Hint(()), once."""
+    hints = Hints(asyncio.get_running_loop())
+    hints.put(Hint(("a",)))
+    hints.put(Hint(()))
+    hints.put(Hint(()))
+    assert hints.pending() == 2
+    assert await hints.get() == [Hint(()), Hint(("a",))]
+
+
+async def test_hints_past_the_limit_collapse_into_a_rescan_keeping_publishes() -> None:
+    """Past `limit` distinct folders the batch becomes a full rescan that keeps only the
+    published hints (at most `limit` of them)."""
+    hints = Hints(asyncio.get_running_loop(), limit=3)
+    hints.put(Hint(("a",), published=True))
+    hints.put(Hint(("b",)))
+    hints.put(Hint(("org", "c"), published=True))
+    assert hints.pending() == 3
+    hints.put(Hint(("d",)))
+    assert hints.pending() == 3  # the rescan, a and org/c
+    hints.put(Hint(("e",)))  # after the collapse the batch fills up again
+    assert await hints.get() == [
+        Hint(()),
+        Hint(("a",), published=True),
+        Hint(("org", "c"), published=True),
+        Hint(("e",)),
+    ]
+    many = Hints(asyncio.get_running_loop(), limit=2)
+    for name in "wxyz":
+        many.put(Hint((name,), published=True))
+    got = await many.get()
+    assert got[0] == Hint(())
+    assert all(h.published for h in got[1:])
+    assert len(got) <= 3
+
+
+async def test_hints_get_waits_for_a_put() -> None:
+    """get() waits while nothing is pending."""
+    hints = Hints(asyncio.get_running_loop())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(hints.get(), timeout=0.05)
+    hints.put(Hint(("a",)))
+    assert await asyncio.wait_for(hints.get(), timeout=1) == [Hint(("a",))]
+
+
+async def test_hints_put_from_other_threads_arrive() -> None:
+    """Puts from several threads at once all reach the loop, each folder once."""
+    hints = Hints(asyncio.get_running_loop())
+
+    def feed(prefix: str) -> None:
+        for i in range(250):
+            hints.put(Hint((f"{prefix}{i}",)))
+            hints.put(Hint((f"{prefix}{i}",)))
+
+    threads = [threading.Thread(target=feed, args=(p,)) for p in "abcd"]
+    for t in threads:
+        t.start()
+    seen: set[Hint] = set()
+    async with asyncio.timeout(5):
+        while len(seen) < 1000:
+            seen.update(await hints.get())
+    for t in threads:
+        t.join()
+    assert seen == {Hint((f"{p}{i}",)) for p in "abcd" for i in range(250)}
+    assert hints.pending() == 0
 
 
 # --- discover and resolve_hint ----------------------------------------------------------------
@@ -159,30 +263,53 @@ def make_tree(root: Path) -> None:
     (root / "mixed").mkdir()  # a file at its top: an adapter, even with a folder inside
     (root / "mixed" / "adapter_config.json").write_text("{}")
     (root / "mixed" / "checkpoint").mkdir()
+    (root / "run" / "checkpoint-100").mkdir(parents=True)  # a trainer's output: one adapter
+    (root / "run" / "checkpoint-200").mkdir()
+    (root / "orgish" / "checkpoint-1").mkdir(parents=True)  # one non-checkpoint: an org
+    (root / "orgish" / "final").mkdir()
     (root / ".hidden.tmp").mkdir()
     (root / ".hidden.tmp" / "adapter_config.json").write_text("{}")
     (root / "README.md").write_text("files at the top are not adapters")
 
 
-def test_discover_finds_names_and_org_names(root: Path) -> None:
+TREE_NAMES = {
+    "plain",
+    "empty",
+    "org/x",
+    "org/y",
+    "mixed",
+    "run",
+    "orgish/checkpoint-1",
+    "orgish/final",
+}
+
+
+def test_scan_finds_names_and_org_names(root: Path) -> None:
     """Top-level folders are adapters, folders of only folders are orgs of adapters; dot
     entries and top-level files are ignored."""
     make_tree(root)
-    assert discover(root) == {
-        "plain": root / "plain",
-        "empty": root / "empty",
-        "org/x": root / "org" / "x",
-        "org/y": root / "org" / "y",
-        "mixed": root / "mixed",
-    }
+    assert set(scan(root)) == TREE_NAMES
 
 
-def test_discover_follows_a_top_level_symlink(root: Path, tmp_path: Path) -> None:
+def test_a_folder_of_only_checkpoints_is_one_adapter(root: Path) -> None:
+    """A top-level folder holding only `checkpoint-N` folders is one adapter folder, not an
+    org of `name/checkpoint-N` adapters; one other folder beside them makes it an org."""
+    make_tree(root)
+    found = scan(root)
+    assert "run" in found
+    assert not any(n.startswith("run/") for n in found)
+    assert not is_org(root / "run")
+    assert is_org(root / "orgish")
+    assert resolve_hint(root, Hint(("run", "checkpoint-100"))) == ["run"]
+    assert resolve_hint(root, Hint(("orgish", "final"))) == ["orgish/final"]
+
+
+def test_scan_follows_a_top_level_symlink(root: Path, tmp_path: Path) -> None:
     """A symlinked top-level folder is found (inspection decides whether it may be used)."""
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "adapter_config.json").write_text("{}")
     (root / "link").symlink_to(tmp_path / "real")
-    assert discover(root) == {"link": root / "link"}
+    assert scan(root) == {"link": None}
 
 
 def test_scan_hands_over_the_listing_of_top_level_adapters(root: Path, tmp_path: Path) -> None:
@@ -193,19 +320,19 @@ def test_scan_hands_over_the_listing_of_top_level_adapters(root: Path, tmp_path:
     (tmp_path / "real").mkdir()
     (root / "link").symlink_to(tmp_path / "real")
     found = scan(root)
-    assert set(found) == {*discover(root)}
+    assert set(found) == {*TREE_NAMES, "link"}
     assert found["org/x"] is None
     assert found["link"] is None
-    for name in ("plain", "empty", "mixed"):
+    for name in ("plain", "empty", "mixed", "run"):
         listing = found[name]
         assert listing is not None
         assert fingerprint_of(listing) == fingerprint(root / name)
     assert ".editor-swap" in [e[0] for e in fingerprint_of(found["plain"] or [])]
 
 
-def test_discover_of_missing_root_is_empty(tmp_path: Path) -> None:
+def test_scan_of_missing_root_is_empty(tmp_path: Path) -> None:
     """A drop directory that vanished yields nothing instead of failing."""
-    assert discover(tmp_path / "nope") == {}
+    assert scan(tmp_path / "nope") == {}
 
 
 def test_resolve_hint(root: Path) -> None:
@@ -255,12 +382,12 @@ def alive(watcher: Watcher) -> bool:
     return watcher.alive
 
 
-async def wait_hint(queue: asyncio.Queue[Hint], wanted: Hint, within: float = 5.0) -> list[Hint]:
+async def wait_hint(hints: Hints, wanted: Hint, within: float = 5.0) -> list[Hint]:
     """Collect hints until `wanted` arrives; return all seen."""
     seen: list[Hint] = []
     async with asyncio.timeout(within):
         while wanted not in seen:
-            seen.append(await queue.get())
+            seen.extend(await hints.get())
     return seen
 
 
@@ -268,22 +395,22 @@ async def wait_hint(queue: asyncio.Queue[Hint], wanted: Hint, within: float = 5.
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 async def test_real_observer_delivers_hints(root: Path, polling: bool) -> None:
     """A real observer turns a copy into hints and a rename into a publish hint, on the loop's
-    queue; stop() joins every thread it started."""
-    queue: asyncio.Queue[Hint] = asyncio.Queue()
-    watcher = Watcher(root, asyncio.get_running_loop(), queue, polling=polling, poll_seconds=0.05)
+    Hints; stop() joins every thread it started."""
+    hints = Hints(asyncio.get_running_loop())
+    watcher = Watcher(root, hints, polling=polling, poll_seconds=0.05)
     assert not alive(watcher)
     with watcher:
         assert alive(watcher)
         (root / "copied").mkdir()
         (root / "copied" / "adapter_config.json").write_text("{}")
-        await wait_hint(queue, Hint(("copied",)))
+        await wait_hint(hints, Hint(("copied",)))
 
         staging = root / ".pub.tmp"
         staging.mkdir()
         (staging / "adapter_config.json").write_text("{}")
         await asyncio.sleep(0.15)  # let the polling observer see the staging folder first
         os.rename(staging, root / "pub")
-        seen = await wait_hint(queue, Hint(("pub",), published=True))
+        seen = await wait_hint(hints, Hint(("pub",), published=True))
         assert all(not h.parts or not h.parts[0].startswith(".") for h in seen)
 
         (root / "org").mkdir()
@@ -291,19 +418,33 @@ async def test_real_observer_delivers_hints(root: Path, polling: bool) -> None:
         staging.mkdir()
         await asyncio.sleep(0.15)
         os.rename(staging, root / "org" / "b")
-        await wait_hint(queue, Hint(("org", "b"), published=True))
+        await wait_hint(hints, Hint(("org", "b"), published=True))
     assert not alive(watcher)
 
 
 @pytest.mark.usefixtures("no_leaked_threads")
 async def test_stop_is_idempotent_and_restartable(root: Path) -> None:
     """stop() twice is harmless, and a stopped watcher can be started again."""
-    queue: asyncio.Queue[Hint] = asyncio.Queue()
-    watcher = Watcher(root, asyncio.get_running_loop(), queue)
+    hints = Hints(asyncio.get_running_loop())
+    watcher = Watcher(root, hints)
     watcher.stop()
     watcher.start()
     watcher.stop()
     watcher.stop()
     with watcher:
         (root / "again").mkdir()
-        await wait_hint(queue, Hint(("again",)))
+        await wait_hint(hints, Hint(("again",)))
+
+
+@pytest.mark.usefixtures("no_leaked_threads")
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+async def test_start_that_fails_raises_and_leaves_nothing_running(
+    tmp_path: Path, polling: bool
+) -> None:
+    """start() on a drop directory the observer cannot watch raises OSError and leaves no
+    thread running; the watcher is not alive and can be stopped."""
+    watcher = Watcher(tmp_path / "nope", Hints(asyncio.get_running_loop()), polling=polling)
+    with pytest.raises(OSError, match="No such file or directory"):
+        watcher.start()
+    assert not alive(watcher)
+    watcher.stop()
