@@ -59,11 +59,11 @@ class ServerAdapter:
 
 @dataclass
 class AdapterRecord:
-    """One adapter folder. `snapshot` is what vLLM is given: the last content that was valid.
+    """One adapter folder. `snapshot` is what vLLM is given.
 
     `reason`/`message` say why the folder's *current* content is not served. With no snapshot
-    that makes the adapter invalid (or failed, for a snapshot error); with one, the previous
-    valid version stays served until the folder is valid again or deleted.
+    that makes the adapter invalid (or failed, for a snapshot error); with one (the snapshot of
+    an update could not be written: a full disk), the previous version stays served.
     """
 
     name: str

@@ -360,18 +360,6 @@ class Intake:
             record.fingerprint = fp
             record.validated_at = time.time()
             record.reason, record.message = result.reason, result.message
-            if record.snapshot is not None:
-                # The last valid version stays served until the folder is valid again (an
-                # in-place copy that stalled past the settle period, a broken edit).
-                log.warning(
-                    "adapter_update_invalid",
-                    adapter=name,
-                    reason=result.reason,
-                    message=result.message,
-                    serving=str(record.snapshot.path),
-                )
-                self.catalog.touch()
-                return
             log.warning(
                 "adapter_invalid", adapter=name, reason=result.reason, message=result.message
             )
