@@ -8,6 +8,7 @@ only, never from flags: a flag shows up in `ps` for every user of the machine.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ from typing import Any
 
 from lorawarm import __version__
 from lorawarm.inspection import Invalid, Valid, inspect_adapter
-from lorawarm.settings import EX_CONFIG, ConfigError, Settings, load
+from lorawarm.settings import EX_CONFIG, ConfigError, Settings, field_help, load
+from lorawarm.terminal import printable
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -33,26 +35,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="watch the adapter directory and warm vLLM servers")
     run.add_argument("--config", type=Path, help="TOML settings file (or LORAWARM_CONFIG)")
-    run.add_argument("--cache-dir", type=Path, help="the adapter drop directory")
-    run.add_argument("--state-dir", type=Path, help="where snapshots are kept")
-    run.add_argument(
-        "--vllm-url", dest="vllm_urls", action="append", help="a vLLM base URL (repeatable)"
-    )
+    _setting(run, "--cache-dir", "cache_dir", type=Path)
+    _setting(run, "--state-dir", "state_dir", type=Path)
+    _setting(run, "--vllm-url", "vllm_urls", action="append", repeatable=True)
     _add_rule_flags(run)
-    run.add_argument("--settle-seconds", type=float)
-    run.add_argument("--resync-seconds", type=float)
-    run.add_argument("--warm-limit", type=int)
-    run.add_argument("--pin", dest="pinned", action="append", help="a pinned adapter (repeatable)")
-    run.add_argument(
-        "--polling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="use the polling observer (network filesystems)",
-    )
-    run.add_argument("--status-host")
-    run.add_argument("--status-port", type=int)
-    run.add_argument("--log-format", choices=["auto", "json", "console"])
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _setting(run, "--settle-seconds", "settle_seconds", type=float)
+    _setting(run, "--resync-seconds", "resync_seconds", type=float)
+    _setting(run, "--warm-limit", "warm_limit", type=int)
+    _setting(run, "--pin", "pinned", action="append", repeatable=True)
+    _setting(run, "--polling", "polling", action=argparse.BooleanOptionalAction, default=None)
+    _setting(run, "--status-host", "status_host")
+    _setting(run, "--status-port", "status_port", type=int)
+    _setting(run, "--log-format", "log_format", choices=["auto", "json", "console"])
+    _setting(run, "--log-level", "log_level", choices=["debug", "info", "warning", "error"])
 
     val = sub.add_parser(
         "validate",
@@ -71,22 +66,72 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-lora-rank", type=int, help="largest accepted LoRA rank")
-    parser.add_argument("--base-model", help="the base model adapters must be trained for")
-    parser.add_argument(
-        "--base-model-alias",
-        dest="base_model_aliases",
-        action="append",
-        help="another accepted name of the base model (repeatable)",
-    )
+    _setting(parser, "--max-lora-rank", "max_lora_rank", type=int)
+    _setting(parser, "--base-model", "base_model")
+    _setting(parser, "--base-model-alias", "base_model_aliases", action="append", repeatable=True)
 
 
-_NOT_SETTINGS = {"command", "config", "paths", "json", "url"}
+def _setting(
+    parser: argparse.ArgumentParser, flag: str, field: str, *, repeatable: bool = False, **kw: Any
+) -> None:
+    """A flag for setting `field`, its help generated from the field's description (so that
+    `--help`, the README table and the code cannot disagree); the parser remembers which flag
+    sets which field, so that an error names the flag the user typed."""
+    text = field_help(field)
+    if repeatable:  # the flag takes one value per use; commas are for the environment and file
+        text = text.replace(" (comma-separated)", "") + " Repeat the flag for several."
+    if kw.get("action") is not argparse.BooleanOptionalAction and "choices" not in kw:
+        kw["metavar"] = flag.removeprefix("--").upper().replace("-", "_")
+    parser.add_argument(flag, dest=field, help=text.replace("%", "%%"), **kw)
+    flags = parser.get_default("flag_names") or {}
+    parser.set_defaults(flag_names={**flags, field: flag})
+
+
+_NOT_SETTINGS = {"command", "config", "paths", "json", "url", "flag_names"}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
-    return load(args.config, **overrides)
+    return load(args.config, flags=getattr(args, "flag_names", None), **overrides)
+
+
+def _run_problem(settings: Settings) -> str | None:
+    """What stops `lorawarm run` from starting with these settings, as one line naming the
+    setting the way the user gave it (flag, environment variable or config file key)."""
+    if settings.cache_dir is None:
+        return (
+            f"{settings.origin('cache_dir')}: required: the directory adapters are dropped "
+            "into (--cache-dir, LORAWARM_CACHE_DIR or VLLM_LORA_RESOLVER_CACHE_DIR)"
+        )
+    if not settings.cache_dir.is_dir():
+        missing = "" if settings.cache_dir.exists() else " (it does not exist)"
+        return f"{settings.origin('cache_dir')}: {settings.cache_dir} is not a directory{missing}"
+    try:
+        (settings.state_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"{settings.origin('state_dir')}: cannot create {settings.state_dir}: {err.strerror}"
+    public = not _is_loopback(settings.status_host)
+    if public and settings.status_token is None and not settings.status_allow_public:
+        return (
+            f"{settings.origin('status_host')}: {settings.status_host!r} is not a loopback "
+            "address and no status token is set, so anyone who can reach it could read "
+            "every adapter and server: set LORAWARM_STATUS_TOKEN, or "
+            "LORAWARM_STATUS_ALLOW_PUBLIC=true to serve it without one"
+        )
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding `host` exposes the status API to this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # another host name: it may resolve to any address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lorawarm.status_cli import show_status
 
         return show_status(settings, url=args.url, as_json=args.json)
+    problem = _run_problem(settings)
+    if problem is not None:
+        print(printable(f"lorawarm: configuration error: {problem}"), file=sys.stderr)
+        return EX_CONFIG
     from lorawarm.daemon import run_daemon
 
     return run_daemon(settings)

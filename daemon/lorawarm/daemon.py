@@ -287,31 +287,12 @@ def lock_state_dir(state_dir: Path) -> int | None:
 
 
 def run_daemon(settings: Settings) -> int:
-    """`lorawarm run`: configure logging, check the directories, run until stopped."""
+    """`lorawarm run`: configure logging, run until stopped.
+
+    The cache and state directories are checked by the caller (`lorawarm.cli`), which knows
+    whether each came from a flag, the environment or the config file.
+    """
     configure(settings.log_format, settings.log_level)
-    if settings.cache_dir is None:
-        print(
-            "lorawarm: configuration error: LORAWARM_CACHE_DIR (cache_dir): required "
-            "(or VLLM_LORA_RESOLVER_CACHE_DIR)",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
-    if not settings.cache_dir.is_dir():
-        print(
-            f"lorawarm: configuration error: LORAWARM_CACHE_DIR (cache_dir): "
-            f"{settings.cache_dir} is not a directory",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
-    try:
-        (settings.state_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(
-            f"lorawarm: configuration error: LORAWARM_STATE_DIR (state_dir): cannot create "
-            f"{settings.state_dir}: {err.strerror}",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
     try:
         holder = lock_state_dir(settings.state_dir)
     except OSError as err:

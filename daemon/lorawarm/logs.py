@@ -12,6 +12,8 @@ from typing import Literal
 
 import structlog
 
+from lorawarm.terminal import printable
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -28,11 +30,14 @@ def configure(fmt: LogFormat = "auto", level: str = "info") -> None:
         structlog.processors.StackInfoRenderer(),
     ]
     renderer: structlog.types.Processor
+    last: list[structlog.types.Processor] = []
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        # Tracebacks as text first, so that their lines are escaped like every other value.
+        last = [structlog.processors.format_exc_info, escape_controls]
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -45,7 +50,7 @@ def configure(fmt: LogFormat = "auto", level: str = "info") -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *last, renderer],
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
@@ -57,6 +62,20 @@ def configure(fmt: LogFormat = "auto", level: str = "info") -> None:
     # Chatty libraries: their per-request lines add nothing to ours.
     for noisy in ("httpx", "httpcore", "watchdog", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def escape_controls(
+    logger: object, method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """A processor for the console: control characters in string values (an adapter name with
+    ESC, a vLLM message) become visible escapes instead of reaching the terminal. Values that
+    are not strings are shown by their repr, which escapes them already."""
+    return {
+        key: printable(value, keep_lines=key in ("exception", "stack"))
+        if isinstance(value, str)
+        else value
+        for key, value in event_dict.items()
+    }
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -163,6 +165,11 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token the status API requires (all routes but /healthz).",
     )
+    status_allow_public: bool = Field(
+        default=False,
+        description="Let `lorawarm run` serve the status API on a non-loopback status_host "
+        "without a status_token (anyone who can reach it reads every adapter and server).",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description="auto: JSON lines when stdout is not a terminal (journald), console otherwise.",
@@ -170,6 +177,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level logged."
     )
+
+    # Where each setting that was given came from, as messages name it (filled by `load()`).
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -248,6 +258,15 @@ class Settings(BaseSettings):
         # CLI flags arrive as init kwargs and win; the TOML file is merged in by `load()`.
         return (init_settings, env_settings)
 
+    def origin(self, field: str) -> str:
+        """How to name `field` in a message: the flag, environment variable or config file key
+        it was given by, like `--cache-dir (cache_dir)`; its main variable when not given."""
+        if field in self._origins:
+            return self._origins[field]
+        if field == "state_dir" and os.environ.get("STATE_DIRECTORY"):
+            return "STATE_DIRECTORY (state_dir)"
+        return f"{env_name(field)} ({field})"
+
     def rules(self) -> Rules:
         """The inspection rules these settings imply."""
         return Rules(
@@ -263,11 +282,14 @@ def env_name(field: str) -> str:
     return f"LORAWARM_{field.upper()}"
 
 
-def load(config_file: Path | None = None, **overrides: Any) -> Settings:
+def load(
+    config_file: Path | None = None, *, flags: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Build the settings: defaults, then the TOML file, then the environment, then `overrides`.
 
-    `config_file` defaults to `LORAWARM_CONFIG`. Raises `ConfigError` with one line naming the
-    setting and what is wrong.
+    `config_file` defaults to `LORAWARM_CONFIG`. `flags` names the command-line flag each
+    override came from (`{"vllm_urls": "--vllm-url"}`; default `--field-name`), for messages.
+    Raises `ConfigError` with one line naming the setting as the user gave it and what is wrong.
     """
     if config_file is None and os.environ.get("LORAWARM_CONFIG"):
         config_file = Path(os.environ["LORAWARM_CONFIG"])
@@ -287,13 +309,16 @@ def load(config_file: Path | None = None, **overrides: Any) -> Settings:
     init = {k: v for k, v in file_values.items() if k not in from_env}
     from_cli = {k: v for k, v in overrides.items() if v is not None}
     init.update(from_cli)
+    flags = flags or {}
+    where: dict[str, str] = {f: f"config file {config_file}: {f}" for f in init}
+    where.update({f: f"{n} ({f})" for f, n in from_env.items() if f not in from_cli})
+    where.update({f: f"{flags.get(f, '--' + f.replace('_', '-'))} ({f})" for f in from_cli})
     try:
-        return Settings(**init)
+        settings = Settings(**init)
     except ValidationError as err:
-        where: dict[str, str] = {f: f"config file {config_file}: {f}" for f in init}
-        where.update({f: f"{n} ({f})" for f, n in from_env.items() if f not in from_cli})
-        where.update({f: f"--{f.replace('_', '-')} ({f})" for f in from_cli})
         raise ConfigError(_describe(err, where)) from None
+    settings._origins = where
+    return settings
 
 
 def _env_given(field: str) -> str | None:
@@ -326,6 +351,40 @@ def _describe(err: ValidationError, where: dict[str, str]) -> str:
     return f"{what}: {message}{shown}"
 
 
+def _environment_names(name: str) -> list[str]:
+    """Every environment variable that sets `name`, the main one first."""
+    alias = Settings.model_fields[name].validation_alias
+    envs = (
+        [n for n in alias.choices if isinstance(n, str)]
+        if isinstance(alias, AliasChoices)
+        else [env_name(name)]
+    )
+    if name == "state_dir":
+        envs.append("STATE_DIRECTORY")
+    return envs
+
+
+def _default_text(name: str) -> str:
+    info = Settings.model_fields[name]
+    if info.default_factory is not None:
+        return "see meaning"
+    if info.default is None:
+        return "unset"
+    if isinstance(info.default, list):
+        return ",".join(info.default) or "empty"
+    return str(info.default)
+
+
+def field_help(name: str) -> str:
+    """The help text of the command-line flag for setting `name`: what it does, its default
+    and its environment variables, from the same field description as the README table."""
+    info = Settings.model_fields[name]
+    default = _default_text(name)
+    default = "see above" if default == "see meaning" else default
+    envs = " or ".join(_environment_names(name))
+    return f"{info.description} Default: {default}. Environment: {envs}."
+
+
 def reference_markdown() -> str:
     """The configuration reference table of the README, generated from the model itself."""
     rows = [
@@ -333,24 +392,8 @@ def reference_markdown() -> str:
         "|---|---|---|---|",
     ]
     for name, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        envs = (
-            [n for n in alias.choices if isinstance(n, str)]
-            if isinstance(alias, AliasChoices)
-            else [env_name(name)]
-        )
-        if name == "state_dir":
-            envs.append("STATE_DIRECTORY")
-        if info.default_factory is not None:
-            default = "see meaning"
-        elif info.default is None:
-            default = "unset"
-        elif isinstance(info.default, list):
-            default = ",".join(info.default) or "empty"
-        else:
-            default = str(info.default)
-        env_text = " or ".join(f"`{e}`" for e in envs)
-        rows.append(f"| `{name}` | {env_text} | `{default}` | {info.description} |")
+        env_text = " or ".join(f"`{e}`" for e in _environment_names(name))
+        rows.append(f"| `{name}` | {env_text} | `{_default_text(name)}` | {info.description} |")
     return "\n".join(rows)
 
 

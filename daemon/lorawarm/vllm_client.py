@@ -11,7 +11,8 @@ said in a typed form or raises one exception type that carries data:
      │     ├── unauthorized              401 {"error":"Unauthorized"}: missing or wrong API key
      │     ├── runtime_updates_disabled  FastAPI's 404 {"detail":"Not Found"} on load/unload:
      │     │                             VLLM_ALLOW_RUNTIME_LORA_UPDATING is off
-     │     ├── engine_dead               503, or a 500 carrying EngineDeadError's message
+     │     ├── engine_dead               503, or any error carrying EngineDeadError's message
+     │     │                             (a 500 from vLLM 0.18 on, a 400 up to 0.17.x)
      │     ├── rejected                  400/404/500 {"error":{"message":...}} on load/unload:
      │     │                             vLLM refused this adapter, `message` is vLLM's
      │     ├── server_error              any other 5xx
@@ -43,8 +44,10 @@ MAX_MESSAGE_CHARS = 500
 MAX_BODY_BYTES = 8 << 20
 """A vLLM answer is a few KiB; anything bigger than this is not vLLM talking."""
 
-# vLLM turns any exception from `engine_client.add_lora` into a 500; when the engine core has
-# died that exception is EngineDeadError, whose message is fixed (vllm/v1/engine/exceptions.py).
+# vLLM turns any exception from `engine_client.add_lora` into an error answer (a 500 from 0.18
+# on, a 400 BadRequestError up to 0.17.x); when the engine core has died that exception is
+# EngineDeadError, whose message is fixed (vllm/v1/engine/exceptions.py). The message, not the
+# status code, is what tells a dead engine from a rejected adapter.
 _ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue"
 
 
@@ -310,7 +313,7 @@ class VllmClient:
                 )
             else:
                 condition, text = Condition.BAD_RESPONSE, "route not found: is this vLLM?"
-        elif status == 500 and message is not None and _ENGINE_DEAD_MESSAGE in message:
+        elif message is not None and _ENGINE_DEAD_MESSAGE in message:
             condition, text = Condition.ENGINE_DEAD, message
         elif adapter_route and status in (400, 404, 500) and message is not None:
             condition, text = Condition.REJECTED, message

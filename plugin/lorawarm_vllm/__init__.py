@@ -80,19 +80,23 @@ def register() -> None:
 def build_resolver() -> LorawarmResolver | None:
     """The resolver the environment asks for; None when the plugin is merely installed.
 
-    With `VLLM_PLUGINS` unset vLLM loads every installed plugin, so without an adapter
-    directory configured the plugin stays out of the way (as vLLM's filesystem resolver does);
-    named in `VLLM_PLUGINS`, it must be usable. Raises `PluginConfigError` otherwise.
+    With `VLLM_PLUGINS` unset vLLM loads every installed plugin. The plugin is active only when
+    asked for: named in `VLLM_PLUGINS`, or `LORAWARM_CACHE_DIR` set. vLLM's own
+    `VLLM_LORA_RESOLVER_CACHE_DIR` alone is no such request (it configures vLLM's filesystem
+    resolver), and neither is anything else: an installed, unasked plugin reads no settings and
+    stays out of the way. Active, it must be usable; raises `PluginConfigError` otherwise.
     """
-    explicit = PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(",")
+    if not _activated():
+        _log.debug(
+            "lorawarm: not named in VLLM_PLUGINS and LORAWARM_CACHE_DIR unset; "
+            "resolver not registered"
+        )
+        return None
     try:
         settings = load()
     except ConfigError as err:
         raise PluginConfigError(_problem(str(err))) from None
     if settings.cache_dir is None:
-        if not explicit:
-            _log.debug("lorawarm: no LORAWARM_CACHE_DIR set; resolver not registered")
-            return None
         raise PluginConfigError(
             _problem(
                 "no adapter directory is configured; set LORAWARM_CACHE_DIR (or "
@@ -101,6 +105,14 @@ def build_resolver() -> LorawarmResolver | None:
         )
     cache_dir, store = _check_dirs(settings.cache_dir, settings.state_dir)
     return LorawarmResolver(cache_dir, store, settings.rules(), logger=_log)
+
+
+def _activated() -> bool:
+    """Whether the environment asks for this plugin (see `build_resolver`)."""
+    # Split exactly as vLLM does (vllm/plugins/__init__.py: on commas, nothing stripped), so
+    # that what activates the plugin is what loads it.
+    named = PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(",")
+    return named or bool(os.environ.get("LORAWARM_CACHE_DIR", "").strip())
 
 
 def _check_dirs(cache: Path, state: Path) -> tuple[Path, SnapshotStore]:

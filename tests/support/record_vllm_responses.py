@@ -38,6 +38,26 @@ API_KEY = "test-key"
 WRONG_KEY = "wrong-key"
 
 
+# Answers of older vLLM releases that this vLLM no longer gives, kept through every re-recording
+# (``render`` writes them out unchanged): lorawarm still has to read them right.
+OLDER_VERSION_BLOCK = """\
+#: Answers of older vLLM releases that the recorded version no longer gives; kept by
+#: record_vllm_responses.py on every re-run, same shape as :data:`RESPONSES`.
+OLDER_VERSION_RESPONSES: dict[str, RecordedResponse] = {
+    # vLLM <= 0.17.x: a load while the engine core is dead. add_lora raises EngineDeadError and
+    # load_lora_adapter answered it as a BadRequestError (0.18 on: 500 InternalServerError).
+    "v0_17_load_engine_dead": RecordedResponse(
+        400,
+        "application/json",
+        (
+            '{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for '
+            'the root cause.","type":"BadRequestError","param":null,"code":400}}'
+        ),
+    ),
+}
+"""
+
+
 class Step(NamedTuple):
     name: str
     method: str
@@ -382,6 +402,7 @@ def render(records: list[Recorded], work: Path, model: Path) -> str:
         out.append(f"        {_literal(rec.step.doc, 8)},\n")
         out.append("    ),\n")
     out.append("}\n\n")
+    out.append(OLDER_VERSION_BLOCK)
     out.append(
         textwrap.dedent(
             '''

@@ -449,6 +449,21 @@ REQUESTS: dict[str, RecordedRequest] = {
     ),
 }
 
+#: Answers of older vLLM releases that the recorded version no longer gives; kept by
+#: record_vllm_responses.py on every re-run, same shape as :data:`RESPONSES`.
+OLDER_VERSION_RESPONSES: dict[str, RecordedResponse] = {
+    # vLLM <= 0.17.x: a load while the engine core is dead. add_lora raises EngineDeadError and
+    # load_lora_adapter answered it as a BadRequestError (0.18 on: 500 InternalServerError).
+    "v0_17_load_engine_dead": RecordedResponse(
+        400,
+        "application/json",
+        (
+            '{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for '
+            'the root cause.","type":"BadRequestError","param":null,"code":400}}'
+        ),
+    ),
+}
+
 
 def mock_response(name: str) -> httpx.Response:
     """An ``httpx.Response`` with the recorded status, Content-Type and body."""

@@ -104,3 +104,44 @@ def test_configure_twice_keeps_one_handler(capsys: pytest.CaptureFixture[str]) -
     configure("json")
     get_logger("t").info("once")
     assert len(lines(capsys)) == 1
+
+
+def test_console_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """In the console format an adapter name or message holding ESC (or another control
+    character) is printed as a visible escape, never as a raw terminal control sequence."""
+    configure("console", "info")
+    get_logger("t").warning("adapter_invalid", adapter="evil\x1b]0;pwned\x07", message="a\nb")
+    logging.getLogger("somelib").warning("stdlib %s", "x\x1b[2Jy\u202ez")
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert "\u202e" not in out
+    assert "adapter=evil\\x1b]0;pwned\\x07" in out
+    assert "message=a\\nb" in out
+    assert "stdlib x\\x1b[2Jy\\u202ez" in out
+    assert len(out.splitlines()) == 2
+
+
+def test_console_traceback_keeps_its_lines_but_escapes_controls(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A logged exception whose message holds ESC keeps its traceback lines on the console,
+    with the ESC escaped."""
+    configure("console")
+    try:
+        raise ValueError("bad name \x1b[31mred")
+    except ValueError:
+        get_logger("t").exception("load_failed")
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "ValueError: bad name \\x1b[31mred" in out
+    assert "Traceback (most recent call last):" in out.splitlines()[1:]
+
+
+def test_json_lines_escape_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON lines carry a control character escaped by JSON and decode back to the same name."""
+    configure("json")
+    get_logger("t").info("adapter_seen", adapter="evil\x1b[2J")
+    [line] = lines(capsys)
+    assert "\x1b" not in line
+    assert json.loads(line)["adapter"] == "evil\x1b[2J"

@@ -699,6 +699,55 @@ def test_installed_but_unconfigured_plugin_stays_out_of_the_way(
     assert "lorawarm" not in registry.resolvers
 
 
+def test_installed_plugin_ignores_vllms_own_resolver_directory(
+    env: pytest.MonkeyPatch, registry: Any, cache: Path
+) -> None:
+    """With VLLM_PLUGINS unset, vLLM's VLLM_LORA_RESOLVER_CACHE_DIR (set for its filesystem
+    resolver) does not activate the merely installed lorawarm plugin."""
+    env.delenv("VLLM_PLUGINS")
+    env.delenv("LORAWARM_CACHE_DIR")
+    env.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache))
+    register()
+    assert "lorawarm" not in registry.resolvers
+
+
+def test_installed_plugin_does_not_read_lorawarm_settings(
+    env: pytest.MonkeyPatch, registry: Any
+) -> None:
+    """Merely installed (VLLM_PLUGINS unset, no LORAWARM_CACHE_DIR), the plugin reads no
+    settings: a bad LORAWARM_* value meant for the daemon does not stop vLLM."""
+    env.delenv("VLLM_PLUGINS")
+    env.delenv("LORAWARM_CACHE_DIR")
+    env.setenv("LORAWARM_MAX_LORA_RANK", "zero")
+    register()
+    assert "lorawarm" not in registry.resolvers
+
+
+def test_lorawarm_cache_dir_activates_the_installed_plugin(
+    env: pytest.MonkeyPatch, registry: Any, cache: Path
+) -> None:
+    """With VLLM_PLUGINS unset, setting LORAWARM_CACHE_DIR is asking for the plugin."""
+    env.delenv("VLLM_PLUGINS")
+    register()
+    assert registry.get_resolver("lorawarm").cache_dir == cache
+
+
+@pytest.mark.parametrize(
+    ("plugins", "active"),
+    [("lorawarm", True), ("other,lorawarm", True), ("other, lorawarm", False), ("", False)],
+)
+def test_vllm_plugins_is_split_as_vllm_splits_it(
+    env: pytest.MonkeyPatch, registry: Any, cache: Path, plugins: str, *, active: bool
+) -> None:
+    """`lorawarm` counts as named in VLLM_PLUGINS exactly when vLLM would load it: split on
+    commas, spaces not stripped."""
+    env.setenv("VLLM_PLUGINS", plugins)
+    env.delenv("LORAWARM_CACHE_DIR")
+    env.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache))
+    register()
+    assert ("lorawarm" in registry.resolvers) is active
+
+
 def test_enabled_plugin_without_cache_dir_stops_vllm(
     env: pytest.MonkeyPatch, registry: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -26,6 +26,7 @@ from lorawarm.vllm_client import (
     VllmClient,
     VllmError,
 )
+from tests.support import vllm_responses as recorded
 
 URL = "http://vllm.test:8000"
 KEY = "sk-very-secret-key-123"
@@ -533,6 +534,20 @@ async def test_load_500_engine_dead_message_is_engine_dead(make: Any) -> None:
     with pytest.raises(VllmError) as info:
         await client.load("sql", PATH)
     assert info.value.condition is Condition.ENGINE_DEAD
+    assert info.value.message == ENGINE_DEAD_MESSAGE
+
+
+async def test_load_400_engine_dead_of_vllm_0_17_is_engine_dead(make: Any) -> None:
+    """vLLM up to 0.17.x answers a load on a dead engine with a 400 BadRequestError carrying
+    EngineDeadError's message: that is ENGINE_DEAD (back the server off), not a rejection."""
+    status, content_type, body = recorded.OLDER_VERSION_RESPONSES["v0_17_load_engine_dead"]
+    client, _ = make(
+        httpx.Response(status, headers={"content-type": str(content_type)}, content=body.encode())
+    )
+    with pytest.raises(VllmError) as info:
+        await client.load("sql", PATH)
+    assert info.value.condition is Condition.ENGINE_DEAD
+    assert info.value.status == 400
     assert info.value.message == ENGINE_DEAD_MESSAGE
 
 
