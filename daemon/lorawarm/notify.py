@@ -29,10 +29,6 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_seconds = int(usec) / 1e6
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._address)
-
     def send(self, **fields: str) -> bool:
         """Send `KEY=value` lines (`ready="1"` becomes `READY=1`); True when it was sent."""
         if not self._address:
