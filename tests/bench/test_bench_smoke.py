@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from bench.common import BenchContext, summarize, vllm_context
 
-from bench import drop_to_ready, first_request, resolver_cost, scale
+from bench import cold_start, drop_to_ready, first_request, resolver_cost, scale
 
 FIGURE = re.compile(r"\| [\d.]+ ms \|")
 
@@ -106,3 +106,14 @@ def test_resolver_cost_end_to_end_runs(
     text = capsys.readouterr().out
     assert "Resolver cost end to end" in text
     assert "the lorawarm plugin adds" in text
+
+
+@pytest.mark.e2e
+def test_cold_start_runs(ctx: BenchContext, capsys: pytest.CaptureFixture[str]) -> None:
+    """cold_start loads 20 adapters by bare POSTs and by a cold lorawarm, each exactly once."""
+    assert cold_start.main(["--adapters", "20", "--models-samples", "1"], ctx=ctx) == 0
+    text = capsys.readouterr().out
+    assert "| floor: bare httpx POST /v1/load_lora_adapter | 20 |" in text, text
+    assert "| lorawarm run, empty state dir | 20 |" in text, text
+    assert "floor 20 (20), lorawarm 20 (20); lorawarm_loads_total 20;" in text, text
+    assert "every adapter loaded exactly once in each phase: yes" in text, text
