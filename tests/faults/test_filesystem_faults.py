@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -213,6 +214,17 @@ def test_permission_denied_on_a_file(dirs: tuple[Path, Path], vllm_http: FakeVll
         assert "Permission denied" in doc["message"]
         assert vllm_http.fake.ops() == []
         assert snapshot_names(state) == set()
+        # Re-inspected at every rescan (so that a fix is taken) without settling again: its
+        # content did not change, so neither does its state nor when it changed.
+        for _ in range(3):
+            before = sum(inspections(proc).values())
+            proc.process.send_signal(signal.SIGHUP)
+            wait_for(
+                lambda n=before: sum(inspections(proc).values()) > n, timeout=10, what="a rescan"
+            )
+            again = proc.adapter("locked")
+            assert again is not None
+            assert (again["state"], again["changed_at"]) == ("invalid", doc["changed_at"])
 
         (drop / "locked" / SAFETENSORS).chmod(0o644)  # same size, mtime and inode
         doc = proc.wait_state("locked", "loaded", timeout=15)
