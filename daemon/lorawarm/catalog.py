@@ -59,11 +59,12 @@ class ServerAdapter:
 
 @dataclass
 class AdapterRecord:
-    """One adapter folder. `snapshot` is what vLLM is given.
+    """One adapter folder. `snapshot` is what vLLM is given: the last content that was valid.
 
     `reason`/`message` say why the folder's *current* content is not served. With no snapshot
-    that makes the adapter invalid (or failed, for a snapshot error); with one (the snapshot of
-    an update could not be written: a full disk), the previous version stays served.
+    that makes the adapter invalid (or failed, for a snapshot error); with one, the previous
+    valid version stays served until the folder is valid again or deleted (an update that is
+    invalid, or whose snapshot cannot be written).
     """
 
     name: str

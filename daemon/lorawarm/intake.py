@@ -360,6 +360,19 @@ class Intake:
             record.fingerprint = fp
             record.validated_at = time.time()
             record.reason, record.message = result.reason, result.message
+            if record.snapshot is not None:
+                # The last valid version stays served until the folder is valid again or is
+                # deleted (an in-place copy that stalled past the settle period, a bad edit):
+                # unloading it would make every request 404 until someone fixes the folder.
+                log.warning(
+                    "adapter_update_invalid",
+                    adapter=name,
+                    reason=result.reason,
+                    message=result.message,
+                    serving=str(record.snapshot.path),
+                )
+                self.catalog.touch()
+                return
             log.warning(
                 "adapter_invalid", adapter=name, reason=result.reason, message=result.message
             )

@@ -361,11 +361,13 @@ class ServerReconciler:
     def _hold(self, name: str, path: str, at: float) -> None:
         self._actual[name] = _Loaded(path, at)
         self._released.pop(path, None)
+        self._changed()
 
     def _release(self, name: str) -> None:
         loaded = self._actual.pop(name, None)
         if loaded is not None and all(o.path != loaded.path for o in self._actual.values()):
             self._released[loaded.path] = time.time()
+        self._changed()
 
     def _plan(self) -> Plan:
         for book in (self._attempts, self._warmed, self._failures):

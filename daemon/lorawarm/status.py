@@ -46,8 +46,8 @@ class AdapterView(BaseModel):
     message: str | None = Field(description="What is wrong, for a person.")
     pending_reason: str | None = Field(
         default=None,
-        description="The folder's current content is not served (stable code, e.g. "
-        "snapshot_failed on a full disk): the previous snapshot stays loaded meanwhile.",
+        description="The folder's current content is not served (stable code): the last "
+        "valid snapshot stays loaded until the folder is valid again or deleted.",
     )
     pending_message: str | None = Field(
         default=None, description="Why the current content is not served, for a person."

@@ -1,5 +1,5 @@
 """The supervisor's duties: exit codes, the state-dir lock, stopping during the first scan,
-and the watcher failing to start."""
+the watcher failing to start, and an invalid update that keeps the last valid version served."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import configparser
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from watchdog.observers import Observer
 
 from lorawarm import watcher as watcher_module
+from lorawarm.catalog import AdapterState
 from lorawarm.daemon import EX_SOFTWARE, Daemon
 from lorawarm.settings import EX_CONFIG, load
 from lorawarm.status import create_app
@@ -117,6 +119,42 @@ async def test_watcher_that_cannot_start_falls_back_to_polling(
     async with asyncio.timeout(5):
         while not any(h.parts == ("new",) for h in await daemon.intake.hints.get()):
             pass
+
+
+async def test_invalid_update_keeps_the_last_valid_version_served(
+    make_daemon: MakeDaemon, cache: Path
+) -> None:
+    """An in-place update judged invalid (weights truncated by a stalled copy) keeps the last
+    valid snapshot in the warm set, with the new content's reason as pending_reason; valid
+    content switches to the new snapshot; deleting the folder still removes it."""
+    daemon = make_daemon()
+    write_adapter(cache / "a", seed=1)
+    await daemon.intake.refresh("a", published=True)
+    record = daemon.catalog.get("a")
+    assert record is not None
+    assert record.snapshot is not None
+    first = record.snapshot
+    weights = cache / "a" / SAFETENSORS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    await daemon.intake.refresh("a", published=True)
+    assert record.snapshot == first
+    assert record.reason == "weights_truncated"
+    assert daemon.catalog.desired() == [("a", str(first.path))]
+    assert daemon.states()["a"] is AdapterState.PENDING  # waiting for its server, not invalid
+    transport = httpx.ASGITransport(app=create_app(daemon))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lorawarm") as client:
+        view = (await client.get("/v1/adapters/a")).json()
+    assert (view["reason"], view["pending_reason"]) == (None, "weights_truncated")
+    assert view["snapshot_path"] == str(first.path)
+    shutil.rmtree(cache / "a")
+    write_adapter(cache / "a", seed=2)
+    await daemon.intake.refresh("a", published=True)
+    assert record.snapshot is not None
+    assert record.snapshot != first
+    assert record.reason is None
+    shutil.rmtree(cache / "a")
+    await daemon.intake.refresh("a")
+    assert daemon.catalog.desired() == []
 
 
 def test_a_second_daemon_on_the_same_state_dir_exits_78(tmp_path: Path) -> None:
