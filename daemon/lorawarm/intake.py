@@ -13,13 +13,16 @@ keeps the other folders from being taken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import os
 import stat
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from lorawarm.catalog import AdapterRecord, Catalog
 from lorawarm.inspection import Invalid, Reason, Result, Rules, inspect_adapter
@@ -31,6 +34,9 @@ from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotReason, SnapshotS
 from lorawarm.watcher import Hint, Hints, Watcher, is_org, resolve_hint, scan
 
 log = get_logger(__name__)
+
+A = TypeVar("A")
+T = TypeVar("T")
 
 # Folders inspected and snapshotted per thread call during a rescan.
 RESCAN_BATCH = 64
@@ -231,7 +237,7 @@ class Intake:
         for start in range(0, len(due), RESCAN_BATCH):
             batch = due[start : start + RESCAN_BATCH]
             try:
-                checked = await asyncio.to_thread(self._check_all, [r for r, _ in batch])
+                checked = await _off_loop(self._check_all, [r for r, _ in batch])
             except Stopped:
                 return
             for (record, fp), outcome in zip(batch, checked, strict=True):
@@ -276,7 +282,7 @@ class Intake:
         record = self._observe(name, fp, published=published)
         if record is not None:
             try:
-                checked = await asyncio.to_thread(self._check, record)
+                checked = await _off_loop(self._check, record)
             except Stopped:
                 return
             await self._take(record, fp, checked)
@@ -408,6 +414,41 @@ class Intake:
                 snapshot=str(snap.path),
                 replaces=str(previous.path) if previous else None,
             )
+
+
+async def _off_loop(func: Callable[[A], T], arg: A) -> T:
+    """`func(arg)` in a thread of its own that does not hold up the process's exit.
+
+    Inspections and snapshot copies run here, not in asyncio's executor, whose threads
+    `asyncio.run` waits for: a stop must not wait for a copy of a multi-GB adapter. A copy
+    abandoned at exit leaves only a staging folder, which collection removes (as after a
+    SIGKILL).
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = func(arg)
+        except Exception as err:  # noqa: BLE001 - re-raised in the awaiting coroutine
+            deliver = functools.partial(_fail, done, err)
+        else:
+            deliver = functools.partial(_succeed, done, result)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+            loop.call_soon_threadsafe(deliver)
+
+    threading.Thread(target=work, name="lorawarm-intake", daemon=True).start()
+    return await done
+
+
+def _succeed(done: asyncio.Future[T], result: T) -> None:
+    if not done.done():  # else the caller was cancelled (a stop): nobody waits for it
+        done.set_result(result)
+
+
+def _fail(done: asyncio.Future[T], error: Exception) -> None:
+    if not done.done():
+        done.set_exception(error)
 
 
 def _read_fingerprint(root: Path, name: str) -> Fingerprint | None:
