@@ -28,6 +28,9 @@ log = get_logger(__name__)
 
 # How often the collector looks whether something was released (a few integer compares).
 POLL_SECONDS = 1.0
+# The periodic walk (snapshots past their creation grace, abandoned staging folders) runs at
+# most this often: it lists every snapshot on disk, ~1 s at 10,000.
+PERIODIC_SECONDS = 10.0
 
 
 class SnapshotUser(Protocol):
@@ -103,7 +106,7 @@ class Collector:
         if self.held:
             self._next = time.monotonic() + POLL_SECONDS  # look again soon
             return []
-        self._next = time.monotonic() + max(self.grace, POLL_SECONDS)
+        self._next = time.monotonic() + max(self.grace, PERIODIC_SECONDS)
         now = time.time()
         keep: set[str] = set()
         for user in self.users.values():
