@@ -1,0 +1,117 @@
+"""Inspection: a pure function from an adapter folder to `Valid` or `Invalid(reason, message)`.
+
+It checks what vLLM checks when it loads an adapter (`lora/peft_helper.py`: rank, bias, DoRA,
+modules_to_save, required fields) and what vLLM does not: name rules, containment inside the
+drop directory (symlinks too), only regular files, the base model with its aliases, and whole
+weights (a safetensors header that accounts for the file's size, LoRA tensors of the declared
+rank). No network, no global state, nothing unpickled: the daemon, the
+vLLM plugin and `lorawarm validate` run this very function.
+
+By concept: `containment` (where the folder and its files really are, and reading them without
+blocking), `peft_config` (`adapter_config.json`), `weights` (the weights file vLLM picks),
+`verdict` (results, reasons and rules). This module puts them in order.
+
+Reasons are stable snake_case codes (`Reason`), meant for machines; messages are for people.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorawarm.inspection.containment import MAX_ENTRIES, check_directory, real_folder, scan
+from lorawarm.inspection.peft_config import (
+    MAX_CONFIG_BYTES,
+    MAX_JSON_DEPTH,
+    check_config,
+    read_config,
+)
+from lorawarm.inspection.verdict import (
+    CONFIG_FILE,
+    WEIGHT_FILES,
+    FileStat,
+    Invalid,
+    Reason,
+    Reject,
+    Result,
+    Rules,
+    Valid,
+)
+from lorawarm.inspection.weights import MAX_SAFETENSORS_HEADER, check_weights
+from lorawarm.names import BadName, check_name
+
+__all__ = [
+    "CONFIG_FILE",
+    "MAX_CONFIG_BYTES",
+    "MAX_ENTRIES",
+    "MAX_JSON_DEPTH",
+    "MAX_SAFETENSORS_HEADER",
+    "WEIGHT_FILES",
+    "FileStat",
+    "Invalid",
+    "Reason",
+    "Result",
+    "Rules",
+    "Valid",
+    "inspect_adapter",
+]
+
+
+def inspect_adapter(
+    folder: Path,
+    *,
+    root: Path,
+    rules: Rules,
+    name: str | None = None,
+) -> Result:
+    """Inspect `folder` (an adapter under the drop directory `root`) and say whether vLLM can
+    load it safely.
+
+    `name` defaults to the folder's path relative to `root`. Never raises for anything found on
+    disk.
+    """
+    folder = Path(folder)
+    if name is None:
+        try:
+            name = folder.relative_to(root).as_posix()
+        except ValueError:
+            name = folder.name
+    try:
+        return _inspect(folder, root, rules, name)
+    except Reject as rej:
+        return Invalid(name=name, path=folder, reason=rej.reason, message=rej.message)
+
+
+def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
+    # vLLM serves `--model` under its own name unless --served-model-name is given.
+    served = rules.served_model_names or ((rules.base_model,) if rules.base_model else ())
+    try:
+        check_name(name, served)
+    except BadName as bad:
+        raise Reject(Reason(bad.reason), bad.message) from None
+
+    real, real_root = real_folder(folder, root)
+    check_directory(real, folder)
+    files = scan(real, real_root)
+    if CONFIG_FILE not in files:
+        raise Reject(
+            Reason.MISSING_CONFIG, f"{CONFIG_FILE} is missing (the folder may still be copying)"
+        )
+    config = read_config(Path(real) / CONFIG_FILE, files[CONFIG_FILE].size)
+    ranks = check_config(config, rules)
+    weights = next((w for w in WEIGHT_FILES if w in files), None)
+    if weights is None:
+        raise Reject(
+            Reason.MISSING_WEIGHTS,
+            f"no weights: expected one of {', '.join(WEIGHT_FILES)} (the folder may still be "
+            "copying)",
+        )
+    check_weights(Path(real) / weights, files[weights].size, ranks)
+    base = config.get("base_model_name_or_path")
+    return Valid(
+        name=name,
+        path=folder,
+        rank=max(ranks),
+        weights=weights,
+        base_model=base if isinstance(base, str) else None,
+        files=(files[CONFIG_FILE], files[weights]),
+    )

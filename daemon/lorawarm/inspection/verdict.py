@@ -1,0 +1,134 @@
+"""What inspection answers and what it is asked against: verdicts, reasons and rules.
+
+Every check module raises `Reject` with a reason and a message; the package's `inspect_adapter`
+turns it into `Invalid`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+CONFIG_FILE = "adapter_config.json"
+# vLLM tries these in this order (lora/lora_model.py) and uses the first one present.
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+
+
+class Reason(StrEnum):
+    """Why an adapter folder is not usable. The values are public: status API, CLI, logs."""
+
+    INVALID_NAME = "invalid_name"
+    NAME_TOO_LONG = "name_too_long"
+    NAME_IS_BASE_MODEL = "name_is_base_model"
+    NOT_A_DIRECTORY = "not_a_directory"
+    OUTSIDE_ROOT = "outside_root"
+    SYMLINK_ESCAPE = "symlink_escape"
+    NOT_REGULAR_FILE = "not_regular_file"
+    TOO_MANY_FILES = "too_many_files"
+    UNREADABLE = "unreadable"
+    MISSING_CONFIG = "missing_config"
+    CONFIG_TOO_LARGE = "config_too_large"
+    CONFIG_NOT_JSON = "config_not_json"
+    CONFIG_NOT_OBJECT = "config_not_object"
+    WRONG_PEFT_TYPE = "wrong_peft_type"
+    MISSING_FIELD = "missing_field"
+    BAD_FIELD = "bad_field"
+    RANK_TOO_LARGE = "rank_too_large"
+    BIAS_NOT_SUPPORTED = "bias_not_supported"
+    DORA_NOT_SUPPORTED = "dora_not_supported"
+    LORA_BIAS_NOT_SUPPORTED = "lora_bias_not_supported"
+    QALORA_NOT_SUPPORTED = "qalora_not_supported"
+    ALORA_NOT_SUPPORTED = "alora_not_supported"
+    LAYER_REPLICATION_NOT_SUPPORTED = "layer_replication_not_supported"
+    BDLORA_NOT_SUPPORTED = "bdlora_not_supported"
+    INIT_NOT_SUPPORTED = "init_not_supported"
+    MODULES_TO_SAVE_NOT_SUPPORTED = "modules_to_save_not_supported"
+    BASE_MODEL_MISMATCH = "base_model_mismatch"
+    MISSING_WEIGHTS = "missing_weights"
+    WEIGHTS_EMPTY = "weights_empty"
+    WEIGHTS_TRUNCATED = "weights_truncated"
+    WEIGHTS_HEADER_INVALID = "weights_header_invalid"
+    WEIGHTS_NOT_LORA = "weights_not_lora"
+    WEIGHTS_RANK_MISMATCH = "weights_rank_mismatch"
+    WEIGHTS_UNRECOGNIZED = "weights_unrecognized"
+
+
+def norm_model(name: str) -> str:
+    """A model name as compared: `org/model/` and ` org/model` are `org/model`."""
+    return name.strip().rstrip("/")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What an adapter is checked against; built from the settings, passed in explicitly."""
+
+    max_lora_rank: int = 16
+    base_model: str | None = None
+    base_model_aliases: tuple[str, ...] = ()
+    served_model_names: tuple[str, ...] = ()
+
+    @property
+    def accepted_base_models(self) -> frozenset[str]:
+        names = [self.base_model, *self.base_model_aliases, *self.served_model_names]
+        return frozenset(norm_model(n) for n in names if n)
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What inspection saw of one file: enough to notice any later change without reading it."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class Valid:
+    """A folder vLLM will load, with what the daemon needs to snapshot and schedule it."""
+
+    name: str
+    path: Path
+    rank: int
+    weights: str
+    base_model: str | None
+    files: tuple[FileStat, ...]
+
+    ok = True
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def newest_mtime_ns(self) -> int:
+        return max(f.mtime_ns for f in self.files)
+
+    @property
+    def fingerprint(self) -> tuple[FileStat, ...]:
+        return self.files
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A folder that must not reach vLLM, and why."""
+
+    name: str
+    path: Path
+    reason: Reason
+    message: str
+
+    ok = False
+
+
+Result = Valid | Invalid
+
+
+class Reject(Exception):
+    """Raised by a check, turned into `Invalid` by `inspect_adapter`; never escapes the package."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
