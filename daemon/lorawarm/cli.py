@@ -79,6 +79,9 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="another accepted name of the base model (repeatable)",
     )
+    parser.add_argument(
+        "--max-adapter-bytes", type=int, help="largest accepted adapter (config + weights)"
+    )
 
 
 _NOT_SETTINGS = {"command", "config", "paths", "json", "url"}

@@ -309,6 +309,7 @@ CONTENT = [  # (label, reason, build): an ordinary name, hostile content
     ("st-huge-shape", "weights_header_invalid", weights(st_huge_shape())),
     ("st-negative-offset", "weights_header_invalid", weights(st_negative_offset())),
     ("st-is-a-pickle", "weights_header_invalid", evil_pickle_as_safetensors),
+    ("st-9gib-sparse", "too_large", sparse_weights(struct.pack("<Q", 2), 9 * GIB)),
     ("bin-pickle-protocol-0", "weights_unrecognized", evil_pickle(0, BIN)),
     ("bin-pickle-protocol-2", "weights_unrecognized", evil_pickle(2, BIN)),
     ("pt-pickle-protocol-4", "weights_unrecognized", evil_pickle(4, PT)),

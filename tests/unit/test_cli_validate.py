@@ -92,6 +92,18 @@ def test_max_lora_rank_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert "rank 32 is above the server's max LoRA rank 4" in lines[0]
 
 
+def test_max_adapter_bytes_flag(capsys: pytest.CaptureFixture[str], good: Path) -> None:
+    """`--max-adapter-bytes` refuses a larger adapter as `too_large`, naming its size and the
+    limit; an adapter of exactly the limit is valid."""
+    size = sum(f.stat().st_size for f in good.iterdir())
+    code, lines, _ = run(capsys, "validate", "--max-adapter-bytes", str(size - 1), good)
+    assert code == 1
+    assert lines[0].startswith(f"{good}: invalid: too_large: ")
+    assert f"are {size} bytes" in lines[0]
+    assert f"at most {size - 1} bytes" in lines[0]
+    assert run(capsys, "validate", "--max-adapter-bytes", str(size), good)[0] == 0
+
+
 def test_max_lora_rank_from_environment(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

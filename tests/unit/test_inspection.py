@@ -24,6 +24,7 @@ from lorawarm.inspection import (
     MAX_CONFIG_BYTES,
     MAX_ENTRIES,
     MAX_JSON_DEPTH,
+    MAX_SAFETENSORS_HEADER,
     FileStat,
     Invalid,
     Reason,
@@ -248,6 +249,13 @@ def safetensors_wins_even_broken(root: Path) -> Built:
     return folder
 
 
+def header_over_cap(root: Path) -> Built:
+    """A header one byte over the cap, in a sparse file large enough to hold it."""
+    folder = write_adapter(root / "x", weights_bytes=struct.pack("<Q", MAX_SAFETENSORS_HEADER + 1))
+    os.truncate(folder / SAFETENSORS, 8 + MAX_SAFETENSORS_HEADER + 1 + 64)
+    return folder
+
+
 SPAN = {"dtype": "F32", "shape": [8, 8], "data_offsets": [0, 256]}
 
 CASES = [
@@ -445,6 +453,8 @@ CASES = [
     Case(
         "safetensors-preferred-even-broken", Reason.WEIGHTS_TRUNCATED, safetensors_wins_even_broken
     ),
+    Case("safetensors-header-over-cap", Reason.WEIGHTS_HEADER_INVALID, header_over_cap),
+    Case("too-large", Reason.TOO_LARGE, adapter(), Rules(max_adapter_bytes=1000)),
 ]
 
 
@@ -475,6 +485,18 @@ def test_table_covers_every_reason() -> None:
     """The broken-folder table produces every reason code inspection has."""
     assert {c.reason for c in CASES} == set(Reason)
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_too_large_names_the_size_and_the_limit(root: Path) -> None:
+    """An adapter above `max_adapter_bytes` is refused before its weights are read, with its
+    size and the limit in bytes and in GiB."""
+    folder = write_adapter(root / "x")
+    os.truncate(folder / SAFETENSORS, 9 << 30)  # sparse: no disk used, and no header either
+    result = inspect(folder, root)
+    assert isinstance(result, Invalid)
+    assert result.reason == Reason.TOO_LARGE
+    total = (9 << 30) + (folder / CONFIG).stat().st_size
+    assert f"are {total} bytes (9.0 GiB); at most {8 << 30} bytes (8.0 GiB)" in result.message
 
 
 def test_reasons_are_snake_case() -> None:

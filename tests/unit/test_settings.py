@@ -300,13 +300,30 @@ def test_rules_follow_settings() -> None:
         base_model="/models/llama",
         base_model_aliases=["meta/llama"],
         served_model_names=["chat"],
+        max_adapter_bytes=1 << 30,
     )
     assert s.rules() == Rules(
         max_lora_rank=32,
         base_model="/models/llama",
         base_model_aliases=("meta/llama",),
         served_model_names=("chat",),
+        max_adapter_bytes=1 << 30,
     )
+
+
+def test_size_limit_has_a_safe_default() -> None:
+    """Out of the box, adapters above 8 GiB are refused."""
+    assert Settings().rules().max_adapter_bytes == 8 << 30
+
+
+def test_size_limit_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LORAWARM_MAX_ADAPTER_BYTES sets the limit; a limit that is not a positive integer is a
+    configuration error naming the variable."""
+    monkeypatch.setenv("LORAWARM_MAX_ADAPTER_BYTES", "1048576")
+    assert load().rules().max_adapter_bytes == 1 << 20
+    monkeypatch.setenv("LORAWARM_MAX_ADAPTER_BYTES", "0")
+    with pytest.raises(ConfigError, match="LORAWARM_MAX_ADAPTER_BYTES"):
+        load()
 
 
 def test_reference_table_lists_every_setting() -> None:

@@ -2,9 +2,9 @@
 
 It checks what vLLM checks when it loads an adapter (`lora/peft_helper.py`: rank, bias, DoRA,
 modules_to_save, required fields) and what vLLM does not: name rules, containment inside the
-drop directory (symlinks too), only regular files, the base model with its aliases, and whole
-weights (a safetensors header that accounts for the file's size, LoRA tensors of the declared
-rank). No network, no global state, nothing unpickled: the daemon, the
+drop directory (symlinks too), only regular files, a bounded size, the base model with its
+aliases, and whole weights (a safetensors header that accounts for the file's size, LoRA
+tensors of the declared rank). No network, no global state, nothing unpickled: the daemon, the
 vLLM plugin and `lorawarm validate` run this very function.
 
 By concept: `containment` (where the folder and its files really are, and reading them without
@@ -27,6 +27,7 @@ from lorawarm.inspection.peft_config import (
 )
 from lorawarm.inspection.verdict import (
     CONFIG_FILE,
+    DEFAULT_MAX_ADAPTER_BYTES,
     WEIGHT_FILES,
     FileStat,
     Invalid,
@@ -41,6 +42,7 @@ from lorawarm.names import BadName, check_name
 
 __all__ = [
     "CONFIG_FILE",
+    "DEFAULT_MAX_ADAPTER_BYTES",
     "MAX_CONFIG_BYTES",
     "MAX_ENTRIES",
     "MAX_JSON_DEPTH",
@@ -105,6 +107,8 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
             f"no weights: expected one of {', '.join(WEIGHT_FILES)} (the folder may still be "
             "copying)",
         )
+    used = (files[CONFIG_FILE], files[weights])
+    _check_size(used, rules.max_adapter_bytes)
     check_weights(Path(real) / weights, files[weights].size, ranks)
     base = config.get("base_model_name_or_path")
     return Valid(
@@ -113,5 +117,25 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
         rank=max(ranks),
         weights=weights,
         base_model=base if isinstance(base, str) else None,
-        files=(files[CONFIG_FILE], files[weights]),
+        files=used,
     )
+
+
+def _check_size(used: tuple[FileStat, ...], limit: int) -> None:
+    """Refuse an adapter whose files are larger than the limit, before any byte is digested."""
+    total = sum(f.size for f in used)
+    if total > limit:
+        raise Reject(
+            Reason.TOO_LARGE,
+            f"the adapter's {' and '.join(f.name for f in used)} are {_amount(total)}; at most "
+            f"{_amount(limit)} are accepted; raise LORAWARM_MAX_ADAPTER_BYTES if it really is "
+            "this large",
+        )
+
+
+def _amount(size: int) -> str:
+    """A byte count for people: exact, with a binary unit beside it when it is large."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size} bytes ({size / (1 << shift):.1f} {unit})"
+    return f"{size} bytes"

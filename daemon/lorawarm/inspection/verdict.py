@@ -13,6 +13,10 @@ from pathlib import Path
 CONFIG_FILE = "adapter_config.json"
 # vLLM tries these in this order (lora/lora_model.py) and uses the first one present.
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+# The largest adapter accepted by default: a rank-64 LoRA on every linear layer of a 70B model
+# is ~1.7 GB in bf16 and ~3.3 GB in fp32; 8 GiB leaves room for that and refuses a hostile
+# sparse file or a full checkpoint dropped by mistake before it is digested and copied.
+DEFAULT_MAX_ADAPTER_BYTES = 8 << 30
 
 
 class Reason(StrEnum):
@@ -26,6 +30,7 @@ class Reason(StrEnum):
     SYMLINK_ESCAPE = "symlink_escape"
     NOT_REGULAR_FILE = "not_regular_file"
     TOO_MANY_FILES = "too_many_files"
+    TOO_LARGE = "too_large"
     UNREADABLE = "unreadable"
     MISSING_CONFIG = "missing_config"
     CONFIG_TOO_LARGE = "config_too_large"
@@ -67,6 +72,8 @@ class Rules:
     base_model: str | None = None
     base_model_aliases: tuple[str, ...] = ()
     served_model_names: tuple[str, ...] = ()
+    # Config plus weights, the bytes that are digested, copied and loaded.
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
 
     @property
     def accepted_base_models(self) -> frozenset[str]:
