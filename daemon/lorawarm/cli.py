@@ -82,6 +82,12 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-adapter-bytes", type=int, help="largest accepted adapter (config + weights)"
     )
+    parser.add_argument(
+        "--safetensors-only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse .bin/.pt (pickled) weights; --no-safetensors-only accepts them",
+    )
 
 
 _NOT_SETTINGS = {"command", "config", "paths", "json", "url"}

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
         "file); nothing larger is digested, copied or loaded. The default, 8 GiB, is more than "
         "twice a rank-64 LoRA on every linear layer of a 70B model saved in fp32 (~3.3 GB).",
     )
+    safetensors_only: bool = Field(
+        default=True,
+        description="Refuse .bin/.pt weights: vLLM unpickles them (torch.load with weights_only, "
+        "which has had bypasses), and pre-warming does so on every server before anyone asks. "
+        "PEFT writes safetensors by default; set false only to serve pickled adapters from a "
+        "directory that only trusted users can write.",
+    )
     settle_seconds: float = Field(
         default=5.0,
         ge=0,
@@ -263,6 +270,7 @@ class Settings(BaseSettings):
             base_model_aliases=tuple(self.base_model_aliases),
             served_model_names=tuple(self.served_model_names),
             max_adapter_bytes=self.max_adapter_bytes,
+            safetensors_only=self.safetensors_only,
         )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from lorawarm import __version__
 from lorawarm.cli import main
-from tests.unit.adapters import BASE_MODEL, SAFETENSORS, write_adapter
+from tests.unit.adapters import BASE_MODEL, BIN, SAFETENSORS, torch_zip_bytes, write_adapter
 
 FALLBACKS = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_API_KEY", "STATE_DIRECTORY", "XDG_STATE_HOME")
 
@@ -102,6 +102,17 @@ def test_max_adapter_bytes_flag(capsys: pytest.CaptureFixture[str], good: Path) 
     assert f"are {size} bytes" in lines[0]
     assert f"at most {size - 1} bytes" in lines[0]
     assert run(capsys, "validate", "--max-adapter-bytes", str(size), good)[0] == 0
+
+
+def test_safetensors_only_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Pickled `.bin` weights are refused by default, and `--no-safetensors-only` checks
+    their container instead."""
+    pickled = write_adapter(tmp_path / "pickled", weights=BIN, weights_bytes=torch_zip_bytes())
+    code, lines, _ = run(capsys, "validate", pickled)
+    assert code == 1
+    assert lines[0].startswith(f"{pickled}: invalid: pickle_not_allowed: ")
+    assert run(capsys, "validate", "--no-safetensors-only", pickled)[0] == 0
+    assert run(capsys, "validate", "--safetensors-only", pickled)[0] == 1
 
 
 def test_max_lora_rank_from_environment(

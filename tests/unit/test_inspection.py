@@ -50,6 +50,8 @@ from tests.unit.adapters import (
 )
 
 RULES = Rules(max_lora_rank=16, base_model=BASE_MODEL)
+# What `.bin`/`.pt` weights are checked against when pickles are allowed (safetensors_only off).
+PICKLES = Rules(max_lora_rank=16, base_model=BASE_MODEL, safetensors_only=False)
 
 # A small, complete safetensors file (one layer, one target) to cut and bend.
 SMALL = lora_tensors(r=8, hidden=8, layers=1, targets=("q_proj",))
@@ -367,7 +369,7 @@ CASES = [
     Case("weights-wrong-name", Reason.MISSING_WEIGHTS, adapter(weights="model.safetensors")),
     Case("weights-is-directory", Reason.MISSING_WEIGHTS, weights_is_directory),
     Case("weights-empty", Reason.WEIGHTS_EMPTY, weights(b"")),
-    Case("bin-empty", Reason.WEIGHTS_EMPTY, weights(b"", BIN)),
+    Case("bin-empty", Reason.WEIGHTS_EMPTY, weights(b"", BIN), PICKLES),
     Case("safetensors-truncated", Reason.WEIGHTS_TRUNCATED, truncated_safetensors),
     Case("safetensors-shorter-than-prefix", Reason.WEIGHTS_TRUNCATED, weights(GOOD[:5])),
     Case("safetensors-header-cut", Reason.WEIGHTS_TRUNCATED, weights(GOOD[:40])),
@@ -442,14 +444,18 @@ CASES = [
     Case("rank-mismatch", Reason.WEIGHTS_RANK_MISMATCH, adapter(r=8, tensor_rank=4)),
     Case("rank-mismatch-lora-b", Reason.WEIGHTS_RANK_MISMATCH, rank_mismatch_b),
     Case("lora-tensor-1d", Reason.WEIGHTS_RANK_MISMATCH, lora_vector),
-    Case("bin-garbage", Reason.WEIGHTS_UNRECOGNIZED, weights(b"GGUF not torch", BIN)),
-    Case("pt-garbage", Reason.WEIGHTS_UNRECOGNIZED, weights(b"<html>", PT)),
-    Case("bin-zip-truncated", Reason.WEIGHTS_TRUNCATED, broken_bin_zip),
+    Case("bin-garbage", Reason.WEIGHTS_UNRECOGNIZED, weights(b"GGUF not torch", BIN), PICKLES),
+    Case("pt-garbage", Reason.WEIGHTS_UNRECOGNIZED, weights(b"<html>", PT), PICKLES),
+    Case("bin-zip-truncated", Reason.WEIGHTS_TRUNCATED, broken_bin_zip, PICKLES),
     Case(
         "bin-zip-not-torch",
         Reason.WEIGHTS_UNRECOGNIZED,
         weights(torch_zip_bytes(with_pickle=False), BIN),
+        PICKLES,
     ),
+    Case("bin-refused", Reason.PICKLE_NOT_ALLOWED, weights(torch_zip_bytes(), BIN)),
+    Case("pt-refused", Reason.PICKLE_NOT_ALLOWED, weights(torch_zip_bytes(), PT)),
+    Case("bin-garbage-refused", Reason.PICKLE_NOT_ALLOWED, weights(b"GGUF not torch", BIN)),
     Case(
         "safetensors-preferred-even-broken", Reason.WEIGHTS_TRUNCATED, safetensors_wins_even_broken
     ),
@@ -616,8 +622,9 @@ def test_rank_equal_to_max_is_accepted(root: Path) -> None:
     ],
 )
 def test_torch_weights_are_accepted(root: Path, file: str, data: bytes) -> None:
-    """A `.bin`/`.pt` torch container is Valid from its structure alone, never unpickled."""
-    result = inspect(write_adapter(root / "x", weights=file, weights_bytes=data), root)
+    """With pickles allowed, a `.bin`/`.pt` torch container is Valid from its structure alone,
+    never unpickled."""
+    result = inspect(write_adapter(root / "x", weights=file, weights_bytes=data), root, PICKLES)
     assert isinstance(result, Valid), result
     assert result.weights == file
 
@@ -636,7 +643,7 @@ def test_bin_preferred_over_pt(root: Path) -> None:
     """Between `.bin` and `.pt`, the `.bin` is used, in vLLM's order."""
     folder = write_adapter(root / "x", weights=BIN, weights_bytes=torch_zip_bytes())
     (folder / PT).write_bytes(b"garbage")
-    result = inspect(folder, root)
+    result = inspect(folder, root, PICKLES)
     assert isinstance(result, Valid)
     assert result.weights == BIN
 
@@ -924,7 +931,7 @@ def test_torch_file_swapped_for_a_fifo_is_read_through_the_checked_fd(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "open", open_then_swap)
-        result = inspect_in_thread(folder, root, RULES, timeout=5)
+        result = inspect_in_thread(folder, root, PICKLES, timeout=5)
     assert swapped == [folder / BIN]
     assert result is not None, "inspection blocked re-opening the weights by path"
     assert stat.S_ISFIFO(os.lstat(folder / BIN).st_mode)  # the swap did happen

@@ -109,7 +109,7 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
         )
     used = (files[CONFIG_FILE], files[weights])
     _check_size(used, rules.max_adapter_bytes)
-    check_weights(Path(real) / weights, files[weights].size, ranks)
+    check_weights(Path(real) / weights, files[weights].size, ranks, rules)
     base = config.get("base_model_name_or_path")
     return Valid(
         name=name,

@@ -51,6 +51,7 @@ class Reason(StrEnum):
     MODULES_TO_SAVE_NOT_SUPPORTED = "modules_to_save_not_supported"
     BASE_MODEL_MISMATCH = "base_model_mismatch"
     MISSING_WEIGHTS = "missing_weights"
+    PICKLE_NOT_ALLOWED = "pickle_not_allowed"
     WEIGHTS_EMPTY = "weights_empty"
     WEIGHTS_TRUNCATED = "weights_truncated"
     WEIGHTS_HEADER_INVALID = "weights_header_invalid"
@@ -74,6 +75,8 @@ class Rules:
     served_model_names: tuple[str, ...] = ()
     # Config plus weights, the bytes that are digested, copied and loaded.
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    # Refuse `.bin`/`.pt` weights, which vLLM reads with torch.load (see `Settings`).
+    safetensors_only: bool = True
 
     @property
     def accepted_base_models(self) -> frozenset[str]:

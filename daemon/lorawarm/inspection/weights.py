@@ -3,8 +3,8 @@
 vLLM takes the first of `adapter_model.safetensors`, `.bin`, `.pt` that exists. A safetensors
 file is checked completely from its header: the header parses, its tensors tile the data
 exactly and the file's size matches (so a copy still in progress is never taken), and the LoRA
-tensors fit the ranks of the config. Of a `.bin`/`.pt` file only the container is looked at
-(`check_torch_file`).
+tensors fit the ranks of the config. A `.bin`/`.pt` file is refused outright when the rules
+allow only safetensors; otherwise only its container is looked at (`check_torch_file`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorawarm.inspection.containment import open_regular, read_exactly
-from lorawarm.inspection.verdict import CONFIG_FILE, Reason, Reject
+from lorawarm.inspection.verdict import CONFIG_FILE, Reason, Reject, Rules
 
 # The safetensors format caps its header at 100 MB (vLLM refuses anything larger). A real LoRA
 # header is kilobytes to a few MB (even per-expert LoRA of a 256-expert MoE is ~16 MB); this cap
@@ -35,8 +35,16 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
-def check_weights(path: Path, size: int, ranks: Set[int]) -> None:
+def check_weights(path: Path, size: int, ranks: Set[int], rules: Rules) -> None:
     """Check the weights file vLLM will load from `path` (`size` bytes as listed)."""
+    if path.suffix != ".safetensors" and rules.safetensors_only:
+        raise Reject(
+            Reason.PICKLE_NOT_ALLOWED,
+            f"{path.name} is a pickle, which vLLM loads with torch.load; only safetensors "
+            "weights are accepted; convert it (safetensors.torch.save_file, or PEFT's "
+            "save_pretrained with safe_serialization=True), or set "
+            "LORAWARM_SAFETENSORS_ONLY=false if you trust whoever can write this folder",
+        )
     if size == 0:
         raise Reject(
             Reason.WEIGHTS_EMPTY, f"{path.name} is empty (the folder may still be copying)"
@@ -197,8 +205,8 @@ def check_torch_file(fd: int, shown: str) -> None:
     legacy magic number (what `torch.save(..., _use_new_zipfile_serialization=False)` writes
     first). What it does NOT prove: that the pickle inside is harmless, holds tensors, or fits
     the config. vLLM unpickles it with `torch.load(weights_only=True)`, which restricts what
-    the pickle may build but has had bypasses. A legacy file's completeness cannot be checked
-    at all.
+    the pickle may build but has had bypasses; `Rules.safetensors_only` refuses such files
+    before this check runs. A legacy file's completeness cannot be checked at all.
     """
     magic = read_exactly(fd, 32)
     if magic[:2] == b"PK":  # torch.save's zip container: the central directory must be whole
