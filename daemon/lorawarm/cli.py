@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorawarm import __version__
-from lorawarm.inspection import Invalid, Valid, inspect_adapter
+from lorawarm.inspection import Context, Invalid, Valid, inspect_adapter
 from lorawarm.settings import EX_CONFIG, ConfigError, Settings, load
 
 EXIT_OK = 0
@@ -125,7 +125,13 @@ def _validate(paths: list[Path], settings: Settings, *, as_json: bool) -> int:
     worst = EXIT_OK
     for path in paths:
         absolute = path.absolute()
-        result = inspect_adapter(absolute, root=absolute.parent, rules=rules, name=absolute.name)
+        result = inspect_adapter(
+            absolute,
+            root=absolute.parent,
+            rules=rules,
+            name=absolute.name,
+            context=Context.COMMAND,
+        )
         print(_render(path, result, as_json=as_json), flush=True)
         if isinstance(result, Invalid):
             worst = EXIT_INVALID

@@ -25,6 +25,7 @@ from lorawarm.inspection import (
     MAX_ENTRIES,
     MAX_JSON_DEPTH,
     MAX_SAFETENSORS_HEADER,
+    Context,
     FileStat,
     Invalid,
     Reason,
@@ -67,8 +68,9 @@ def inspect(
     rules: Rules = RULES,
     *,
     name: str | None = None,
+    context: Context = Context.WATCHED,
 ) -> Valid | Invalid:
-    return inspect_adapter(folder, root=root, rules=rules, name=name)
+    return inspect_adapter(folder, root=root, rules=rules, name=name, context=context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +258,17 @@ def header_over_cap(root: Path) -> Built:
     folder = write_adapter(root / "x", weights_bytes=struct.pack("<Q", MAX_SAFETENSORS_HEADER + 1))
     os.truncate(folder / SAFETENSORS, 8 + MAX_SAFETENSORS_HEADER + 1 + 64)
     return folder
+
+
+def empty_folder(root: Path) -> Built:
+    (root / "x").mkdir()
+    return root / "x"
+
+
+def directory_of_adapters(root: Path) -> Built:
+    write_adapter(root / "org" / "a")
+    write_adapter(root / "org" / "b")
+    return root / "org"
 
 
 SPAN = {"dtype": "F32", "shape": [8, 8], "data_offsets": [0, 256]}
@@ -456,11 +469,12 @@ CASES = [
     Case("bin-refused", Reason.PICKLE_NOT_ALLOWED, weights(torch_zip_bytes(), BIN)),
     Case("pt-refused", Reason.PICKLE_NOT_ALLOWED, weights(torch_zip_bytes(), PT)),
     Case("bin-garbage-refused", Reason.PICKLE_NOT_ALLOWED, weights(b"GGUF not torch", BIN)),
+    Case("safetensors-header-over-cap", Reason.WEIGHTS_HEADER_INVALID, header_over_cap),
+    Case("too-large", Reason.TOO_LARGE, adapter(), Rules(max_adapter_bytes=1000)),
+    Case("directory-of-adapters", Reason.MISSING_CONFIG, directory_of_adapters),
     Case(
         "safetensors-preferred-even-broken", Reason.WEIGHTS_TRUNCATED, safetensors_wins_even_broken
     ),
-    Case("safetensors-header-over-cap", Reason.WEIGHTS_HEADER_INVALID, header_over_cap),
-    Case("too-large", Reason.TOO_LARGE, adapter(), Rules(max_adapter_bytes=1000)),
 ]
 
 
@@ -471,16 +485,18 @@ def root(tmp_path: Path) -> Path:
     return root
 
 
-def _run(case: Case, root: Path) -> Valid | Invalid:
+def _run(case: Case, root: Path, context: Context = Context.WATCHED) -> Valid | Invalid:
     built = case.build(root)
     folder, name = built if isinstance(built, tuple) else (built, None)
-    return inspect(folder, root, case.rules, name=name)
+    return inspect(folder, root, case.rules, name=name, context=context)
 
 
+@pytest.mark.parametrize("context", list(Context))
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_broken_folder_has_its_reason(case: Case, root: Path) -> None:
-    """Every broken folder is Invalid with its own stable reason code and a one-line message."""
-    result = _run(case, root)
+def test_broken_folder_has_its_reason(case: Case, root: Path, context: Context) -> None:
+    """Every broken folder is Invalid with its own stable reason code and a one-line message,
+    whoever prints it (the daemon and plugin, or `validate`): the context words, never judges."""
+    result = _run(case, root, context)
     assert isinstance(result, Invalid), result
     assert (result.reason, result.ok) == (case.reason, False), result.message
     assert result.message
@@ -491,6 +507,63 @@ def test_table_covers_every_reason() -> None:
     """The broken-folder table produces every reason code inspection has."""
     assert {c.reason for c in CASES} == set(Reason)
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(
+    ("build", "rules", "watched", "command"),
+    [
+        pytest.param(
+            empty_folder,
+            RULES,
+            "adapter_config.json is missing (the folder may still be copying)",
+            "adapter_config.json is missing",
+            id="empty-folder",
+        ),
+        pytest.param(
+            adapter(r=32),
+            RULES,
+            "LoRA rank 32 is above the max LoRA rank 16; raise vLLM's --max-lora-rank and "
+            "LORAWARM_MAX_LORA_RANK, or retrain with a smaller r",
+            "LoRA rank 32 is above the max LoRA rank 16; pass a larger --max-lora-rank "
+            "(vLLM's), or retrain with a smaller r",
+            id="rank",
+        ),
+        pytest.param(
+            adapter(base_model="other/model"),
+            RULES,
+            "add it with LORAWARM_BASE_MODEL_ALIASES if it is the same model",
+            "add it with --base-model-alias if it is the same model",
+            id="base-model",
+        ),
+        pytest.param(
+            adapter(weights=BIN, weights_bytes=torch_zip_bytes()),
+            RULES,
+            "or set LORAWARM_SAFETENSORS_ONLY=false if you trust whoever can write this folder",
+            "or pass --no-safetensors-only if you trust whoever can write this folder",
+            id="pickle",
+        ),
+        pytest.param(
+            adapter(),
+            Rules(max_adapter_bytes=2 << 10),
+            "KiB) are accepted; raise LORAWARM_MAX_ADAPTER_BYTES if it really is this large",
+            "KiB) are accepted; raise --max-adapter-bytes if it really is this large",
+            id="too-large",
+        ),
+    ],
+)
+def test_messages_fit_who_prints_them(
+    root: Path, build: Callable[[Path], Built], rules: Rules, watched: str, command: str
+) -> None:
+    """The daemon and plugin (a watched directory, LORAWARM_* settings) and `validate` (a folder
+    on the command line, flags) each get the hint that fits them, and only that one."""
+    built = build(root)
+    assert isinstance(built, Path)
+    seen = {c: inspect(built, root, rules, context=c) for c in Context}
+    messages = {c: r.message for c, r in seen.items() if isinstance(r, Invalid)}
+    assert watched in messages[Context.WATCHED]
+    assert command in messages[Context.COMMAND]
+    assert "LORAWARM_" not in messages[Context.COMMAND]
+    assert "copying" not in messages[Context.COMMAND]
 
 
 def test_too_large_names_the_size_and_the_limit(root: Path) -> None:

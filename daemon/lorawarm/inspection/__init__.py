@@ -9,7 +9,7 @@ vLLM plugin and `lorawarm validate` run this very function.
 
 By concept: `containment` (where the folder and its files really are, and reading them without
 blocking), `peft_config` (`adapter_config.json`), `weights` (the weights file vLLM picks),
-`verdict` (results, reasons and rules). This module puts them in order.
+`verdict` (results, reasons, rules and the wording of messages). This module puts them in order.
 
 Reasons are stable snake_case codes (`Reason`), meant for machines; messages are for people.
 """
@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorawarm.inspection.containment import MAX_ENTRIES, check_directory, real_folder, scan
+from lorawarm.inspection.containment import (
+    MAX_ENTRIES,
+    adapters_among,
+    check_directory,
+    real_folder,
+    scan,
+)
 from lorawarm.inspection.peft_config import (
     MAX_CONFIG_BYTES,
     MAX_JSON_DEPTH,
@@ -29,6 +35,7 @@ from lorawarm.inspection.verdict import (
     CONFIG_FILE,
     DEFAULT_MAX_ADAPTER_BYTES,
     WEIGHT_FILES,
+    Context,
     FileStat,
     Invalid,
     Reason,
@@ -36,6 +43,7 @@ from lorawarm.inspection.verdict import (
     Result,
     Rules,
     Valid,
+    spell,
 )
 from lorawarm.inspection.weights import MAX_SAFETENSORS_HEADER, check_weights
 from lorawarm.names import BadName, check_name
@@ -48,6 +56,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_SAFETENSORS_HEADER",
     "WEIGHT_FILES",
+    "Context",
     "FileStat",
     "Invalid",
     "Reason",
@@ -64,12 +73,13 @@ def inspect_adapter(
     root: Path,
     rules: Rules,
     name: str | None = None,
+    context: Context = Context.WATCHED,
 ) -> Result:
     """Inspect `folder` (an adapter under the drop directory `root`) and say whether vLLM can
     load it safely.
 
-    `name` defaults to the folder's path relative to `root`. Never raises for anything found on
-    disk.
+    `name` defaults to the folder's path relative to `root`. `context` says who prints the
+    message, which changes its hints only. Never raises for anything found on disk.
     """
     folder = Path(folder)
     if name is None:
@@ -80,7 +90,7 @@ def inspect_adapter(
     try:
         return _inspect(folder, root, rules, name)
     except Reject as rej:
-        return Invalid(name=name, path=folder, reason=rej.reason, message=rej.message)
+        return Invalid(name=name, path=folder, reason=rej.reason, message=rej.worded(context))
 
 
 def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
@@ -93,19 +103,18 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
 
     real, real_root = real_folder(folder, root)
     check_directory(real, folder)
-    files = scan(real, real_root)
+    listing = scan(real, real_root)
+    files = listing.files
     if CONFIG_FILE not in files:
-        raise Reject(
-            Reason.MISSING_CONFIG, f"{CONFIG_FILE} is missing (the folder may still be copying)"
-        )
+        _missing_config(folder, real, listing.subfolders)
     config = read_config(Path(real) / CONFIG_FILE, files[CONFIG_FILE].size)
     ranks = check_config(config, rules)
     weights = next((w for w in WEIGHT_FILES if w in files), None)
     if weights is None:
         raise Reject(
             Reason.MISSING_WEIGHTS,
-            f"no weights: expected one of {', '.join(WEIGHT_FILES)} (the folder may still be "
-            "copying)",
+            f"no weights: expected one of {', '.join(WEIGHT_FILES)}",
+            copying=True,
         )
     used = (files[CONFIG_FILE], files[weights])
     _check_size(used, rules.max_adapter_bytes)
@@ -121,6 +130,26 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
     )
 
 
+def _missing_config(folder: Path, real: str, subfolders: tuple[str, ...]) -> None:
+    """Refuse a folder without a config, saying so plainly when it holds adapters instead."""
+    held = adapters_among(real, subfolders)
+    if not held:
+        raise Reject(Reason.MISSING_CONFIG, f"{CONFIG_FILE} is missing", copying=True)
+    shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+
+    def hint(context: Context) -> str:
+        if context is Context.COMMAND:
+            return f"pass the adapter folders inside it instead, such as {folder / sorted(held)[0]}"
+        return "an adapter is a folder directly in the adapter directory (or in an org folder)"
+
+    raise Reject(
+        Reason.MISSING_CONFIG,
+        f"{folder} looks like a directory of adapters ({shown}), not an adapter: it has no "
+        f"{CONFIG_FILE} of its own",
+        hint=hint,
+    )
+
+
 def _check_size(used: tuple[FileStat, ...], limit: int) -> None:
     """Refuse an adapter whose files are larger than the limit, before any byte is digested."""
     total = sum(f.size for f in used)
@@ -128,8 +157,10 @@ def _check_size(used: tuple[FileStat, ...], limit: int) -> None:
         raise Reject(
             Reason.TOO_LARGE,
             f"the adapter's {' and '.join(f.name for f in used)} are {_amount(total)}; at most "
-            f"{_amount(limit)} are accepted; raise LORAWARM_MAX_ADAPTER_BYTES if it really is "
-            "this large",
+            f"{_amount(limit)} are accepted",
+            hint=lambda context: (
+                f"raise {spell('max_adapter_bytes', context)} if it really is this large"
+            ),
         )
 
 

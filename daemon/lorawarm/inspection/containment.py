@@ -13,13 +13,22 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorawarm.inspection.verdict import CONFIG_FILE, FileStat, Reason, Reject
 
 # An adapter needs two files; a model card, a tokenizer and training leftovers fit easily.
 MAX_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A folder's top-level regular files (by name) and the names of its subfolders."""
+
+    files: dict[str, FileStat]
+    subfolders: tuple[str, ...]
 
 
 def real_folder(folder: Path, root: Path) -> tuple[str, str]:
@@ -82,10 +91,14 @@ def check_directory(real: str, shown: Path) -> None:
         raise Reject(Reason.NOT_A_DIRECTORY, f"{shown} is not a directory")
 
 
-def scan(folder: str, real_root: str) -> dict[str, FileStat]:
-    """Stat the folder's top-level regular files; refuse escaping symlinks and non-regular
-    files. Subfolders are skipped: their content is never read, by us or by vLLM."""
+def scan(folder: str, real_root: str) -> Listing:
+    """Stat the folder's top-level entries; refuse escaping symlinks and non-regular files.
+
+    Subfolders are not entered (vLLM never reads them); their names are kept so that a caller
+    can tell a directory of adapters from an adapter.
+    """
     files: dict[str, FileStat] = {}
+    subfolders: list[str] = []
     try:
         with os.scandir(folder) as it:
             for count, entry in enumerate(it):
@@ -95,15 +108,17 @@ def scan(folder: str, real_root: str) -> dict[str, FileStat]:
                         f"the folder holds more than {MAX_ENTRIES} entries; an adapter needs two",
                     )
                 found = _stat_entry(entry, real_root)
-                if found is not None:
+                if isinstance(found, FileStat):
                     files[entry.name] = found
+                elif found:
+                    subfolders.append(entry.name)
     except OSError as err:
         raise Reject(Reason.UNREADABLE, f"cannot list {folder}: {err.strerror}") from None
-    return files
+    return Listing(files, tuple(subfolders))
 
 
-def _stat_entry(entry: os.DirEntry[str], real_root: str) -> FileStat | None:
-    """The entry's stat if it is a regular file; None for a subfolder or one that vanished."""
+def _stat_entry(entry: os.DirEntry[str], real_root: str) -> FileStat | bool:
+    """The entry's stat if it is a regular file, True for a subfolder, False if it vanished."""
     try:
         if entry.is_symlink() and not inside(os.path.realpath(entry.path), real_root):
             raise Reject(
@@ -114,7 +129,7 @@ def _stat_entry(entry: os.DirEntry[str], real_root: str) -> FileStat | None:
     except FileNotFoundError:
         if entry.is_symlink():
             raise Reject(Reason.NOT_REGULAR_FILE, f"{entry.name} is a dangling symlink") from None
-        return None  # vanished while we looked: the next look sees the folder as it is then
+        return False  # vanished while we looked: the next look sees the folder as it is then
     except OSError as err:
         raise Reject(
             Reason.UNREADABLE,
@@ -123,13 +138,19 @@ def _stat_entry(entry: os.DirEntry[str], real_root: str) -> FileStat | None:
     if stat.S_ISDIR(st.st_mode):
         if entry.name == CONFIG_FILE:
             raise Reject(Reason.NOT_REGULAR_FILE, f"{CONFIG_FILE} is a directory, not a JSON file")
-        return None  # vLLM never reads subfolders, and checks weights with os.path.isfile
+        return True  # vLLM never reads subfolders, and checks weights with os.path.isfile
     if not stat.S_ISREG(st.st_mode):
         raise Reject(
             Reason.NOT_REGULAR_FILE,
             f"{entry.name} is not a regular file (a FIFO, socket or device); refusing to read it",
         )
     return FileStat(entry.name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def adapters_among(folder: str, subfolders: Iterable[str]) -> list[str]:
+    """The subfolders that hold an adapter config: a folder with them is a directory of
+    adapters (the drop directory, or an `org/` folder), not an adapter."""
+    return [s for s in subfolders if os.path.isfile(os.path.join(folder, s, CONFIG_FILE))]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from lorawarm.inspection.containment import open_regular, read_exactly
-from lorawarm.inspection.verdict import CONFIG_FILE, Reason, Reject, Rules, norm_model
+from lorawarm.inspection.verdict import (
+    CONFIG_FILE,
+    Context,
+    Reason,
+    Reject,
+    Rules,
+    norm_model,
+    spell,
+)
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
@@ -42,7 +50,8 @@ def read_config(path: Path, size: int) -> dict[str, Any]:
     except (ValueError, RecursionError) as err:
         raise Reject(
             Reason.CONFIG_NOT_JSON,
-            f"{CONFIG_FILE} is not valid JSON ({str(err)[:120]}); the folder may still be copying",
+            f"{CONFIG_FILE} is not valid JSON ({str(err)[:120]})",
+            copying=True,
         ) from None
     if not isinstance(config, dict):
         raise Reject(Reason.CONFIG_NOT_OBJECT, f"{CONFIG_FILE} must hold a JSON object")
@@ -119,13 +128,22 @@ def check_config(config: dict[str, Any], rules: Rules) -> frozenset[int]:
     if rank > rules.max_lora_rank:
         raise Reject(
             Reason.RANK_TOO_LARGE,
-            f"LoRA rank {rank} is above the server's max LoRA rank {rules.max_lora_rank} "
-            "(raise vLLM's --max-lora-rank and LORAWARM_MAX_LORA_RANK, or retrain with a "
-            "smaller r)",
+            f"LoRA rank {rank} is above the max LoRA rank {rules.max_lora_rank}",
+            hint=_raise_rank,
         )
     _check_supported(config)
     _check_base_model(config, rules)
     return ranks
+
+
+def _raise_rank(context: Context) -> str:
+    if context is Context.COMMAND:
+        flag = spell("max_lora_rank", context)
+        return f"pass a larger {flag} (vLLM's), or retrain with a smaller r"
+    return (
+        f"raise vLLM's --max-lora-rank and {spell('max_lora_rank', context)}, or retrain with a "
+        "smaller r"
+    )
 
 
 def _check_supported(config: dict[str, Any]) -> None:
@@ -191,6 +209,9 @@ def _check_base_model(config: dict[str, Any], rules: Rules) -> None:
         raise Reject(
             Reason.BASE_MODEL_MISMATCH,
             f"adapter was trained for base model {ascii(base)[:120]}, not for "
-            f"{', '.join(sorted(accepted))}; add it to LORAWARM_BASE_MODEL_ALIASES if it is "
-            "the same model under another name",
+            f"{', '.join(sorted(accepted))}",
+            hint=lambda context: (
+                f"add it with {spell('base_model_aliases', context)} if it is "
+                "the same model under another name"
+            ),
         )

@@ -1,11 +1,15 @@
-"""What inspection answers and what it is asked against: verdicts, reasons and rules.
+"""What inspection answers and what it is asked against: verdicts, reasons, rules, wording.
 
-Every check module raises `Reject` with a reason and a message; the package's `inspect_adapter`
-turns it into `Invalid`.
+Every check module raises `Reject` with a reason and a message that states the fact; the
+package's `inspect_adapter` turns it into `Invalid`, adding the hints that fit whoever prints the
+message (`Context`): the daemon and the plugin watch a directory that folders are copied into
+and read their limits from `LORAWARM_*` settings; `lorawarm validate` is given a folder on its
+command line and takes its limits as flags.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -58,6 +62,24 @@ class Reason(StrEnum):
     WEIGHTS_NOT_LORA = "weights_not_lora"
     WEIGHTS_RANK_MISMATCH = "weights_rank_mismatch"
     WEIGHTS_UNRECOGNIZED = "weights_unrecognized"
+
+
+class Context(StrEnum):
+    """Who prints a message. It changes the hints in messages, never a verdict or a reason."""
+
+    WATCHED = "watched"  # daemon, plugin: folders are copied in; limits are LORAWARM_* settings
+    COMMAND = "command"  # `lorawarm validate`: folders named on a command line; limits are flags
+
+
+# Flags of `lorawarm validate` whose spelling is not the setting's name with dashes.
+_FLAGS = {"base_model_aliases": "--base-model-alias"}
+
+
+def spell(setting: str, context: Context) -> str:
+    """How the reader of a message changes `setting`: its environment variable or its flag."""
+    if context is Context.COMMAND:
+        return _FLAGS.get(setting, "--" + setting.replace("_", "-"))
+    return "LORAWARM_" + setting.upper()
 
 
 def norm_model(name: str) -> str:
@@ -136,9 +158,31 @@ Result = Valid | Invalid
 
 
 class Reject(Exception):
-    """Raised by a check, turned into `Invalid` by `inspect_adapter`; never escapes the package."""
+    """Raised by a check, turned into `Invalid` by `inspect_adapter`; never escapes the package.
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    `message` states what was found. `copying` marks a finding that a copy still in progress
+    explains (a watched folder is told so); `hint` says, for the reader's context, what would
+    let the adapter through ("" for nothing to say there).
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        copying: bool = False,
+        hint: Callable[[Context], str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.copying = copying
+        self.hint = hint
+
+    def worded(self, context: Context) -> str:
+        """The message as `context`'s reader should see it."""
+        text = self.message
+        if self.copying and context is Context.WATCHED:
+            text += " (the folder may still be copying)"
+        extra = self.hint(context) if self.hint is not None else ""
+        return f"{text}; {extra}" if extra else text

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorawarm.inspection.containment import open_regular, read_exactly
-from lorawarm.inspection.verdict import CONFIG_FILE, Reason, Reject, Rules
+from lorawarm.inspection.verdict import CONFIG_FILE, Context, Reason, Reject, Rules, spell
 
 # The safetensors format caps its header at 100 MB (vLLM refuses anything larger). A real LoRA
 # header is kilobytes to a few MB (even per-expert LoRA of a 256-expert MoE is ~16 MB); this cap
@@ -41,19 +41,28 @@ def check_weights(path: Path, size: int, ranks: Set[int], rules: Rules) -> None:
         raise Reject(
             Reason.PICKLE_NOT_ALLOWED,
             f"{path.name} is a pickle, which vLLM loads with torch.load; only safetensors "
-            "weights are accepted; convert it (safetensors.torch.save_file, or PEFT's "
-            "save_pretrained with safe_serialization=True), or set "
-            "LORAWARM_SAFETENSORS_ONLY=false if you trust whoever can write this folder",
+            "weights are accepted",
+            hint=_allow_pickles,
         )
     if size == 0:
-        raise Reject(
-            Reason.WEIGHTS_EMPTY, f"{path.name} is empty (the folder may still be copying)"
-        )
+        raise Reject(Reason.WEIGHTS_EMPTY, f"{path.name} is empty", copying=True)
     with open_regular(path) as fd:
         if path.suffix == ".safetensors":
             check_safetensors(fd, size, ranks, path.name)
         else:
             check_torch_file(fd, path.name)
+
+
+def _allow_pickles(context: Context) -> str:
+    how = (
+        "pass --no-safetensors-only"
+        if context is Context.COMMAND
+        else f"set {spell('safetensors_only', context)}=false"
+    )
+    return (
+        "convert it (safetensors.torch.save_file, or PEFT's save_pretrained with "
+        f"safe_serialization=True), or {how} if you trust whoever can write this folder"
+    )
 
 
 def check_safetensors(fd: int, size: int, ranks: Set[int], shown: str) -> None:
@@ -114,6 +123,7 @@ def _read_header(fd: int, size: int) -> tuple[dict[str, Any], int]:
         raise Reject(
             Reason.WEIGHTS_TRUNCATED,
             "the safetensors file is shorter than its header",
+            copying=True,
         )
     prefix = read_exactly(fd, 8)
     if len(prefix) < 8:  # shrank since it was measured: being rewritten right now
@@ -129,6 +139,7 @@ def _read_header(fd: int, size: int) -> tuple[dict[str, Any], int]:
         raise Reject(
             Reason.WEIGHTS_TRUNCATED,
             f"the safetensors header claims {header_len} bytes but the file has {size}",
+            copying=True,
         )
     raw = read_exactly(fd, header_len)
     if len(raw) < header_len:
@@ -188,7 +199,8 @@ def _check_tiling(spans: list[tuple[int, int]], data: int) -> None:
         raise Reject(
             Reason.WEIGHTS_TRUNCATED,
             f"the safetensors header declares {end} bytes of tensors but the file holds {data}; "
-            "the file is incomplete (still copying, or truncated)",
+            "the file is incomplete",
+            copying=True,
         )
     if end < data:
         raise Reject(
