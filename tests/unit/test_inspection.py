@@ -549,6 +549,16 @@ def test_table_covers_every_reason() -> None:
             "KiB) are accepted; raise --max-adapter-bytes if it really is this large",
             id="too-large",
         ),
+        pytest.param(
+            directory_of_adapters,
+            RULES,
+            "looks like a directory of adapters (a, b), not an adapter: it has no "
+            "adapter_config.json of its own (the folder may still be copying); an adapter is a "
+            "folder directly in the adapter directory",
+            "looks like a directory of adapters (a, b), not an adapter: it has no "
+            "adapter_config.json of its own; pass the adapter folders inside it instead, such as ",
+            id="directory-of-adapters",
+        ),
     ],
 )
 def test_messages_fit_who_prints_them(

@@ -146,6 +146,7 @@ def _missing_config(folder: Path, real: str, subfolders: tuple[str, ...]) -> Non
         Reason.MISSING_CONFIG,
         f"{folder} looks like a directory of adapters ({shown}), not an adapter: it has no "
         f"{CONFIG_FILE} of its own",
+        copying=True,  # a training output (checkpoint-*/ inside) still being copied looks so too
         hint=hint,
     )
 
