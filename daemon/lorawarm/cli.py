@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorawarm import __version__
-from lorawarm.inspection import Invalid, Valid, inspect_adapter
+from lorawarm.inspection import Context, Invalid, Valid, inspect_adapter
 from lorawarm.settings import EX_CONFIG, ConfigError, Settings, field_help, load
 from lorawarm.terminal import printable
 
@@ -69,6 +69,14 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "--max-lora-rank", "max_lora_rank", type=int)
     _setting(parser, "--base-model", "base_model")
     _setting(parser, "--base-model-alias", "base_model_aliases", action="append", repeatable=True)
+    _setting(parser, "--max-adapter-bytes", "max_adapter_bytes", type=int)
+    _setting(
+        parser,
+        "--safetensors-only",
+        "safetensors_only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
 
 
 def _setting(
@@ -165,7 +173,13 @@ def _validate(paths: list[Path], settings: Settings, *, as_json: bool) -> int:
     worst = EXIT_OK
     for path in paths:
         absolute = path.absolute()
-        result = inspect_adapter(absolute, root=absolute.parent, rules=rules, name=absolute.name)
+        result = inspect_adapter(
+            absolute,
+            root=absolute.parent,
+            rules=rules,
+            name=absolute.name,
+            context=Context.COMMAND,
+        )
         print(_render(path, result, as_json=as_json), flush=True)
         if isinstance(result, Invalid):
             worst = EXIT_INVALID

@@ -101,8 +101,3 @@ def folder_for(root: Path, name: str) -> Path | None:
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
         return None
     return candidate
-
-
-def name_of(root: Path, folder: Path) -> str:
-    """The adapter name of `folder` under `root` (its relative path with forward slashes)."""
-    return folder.relative_to(root).as_posix()

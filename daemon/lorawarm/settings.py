@@ -30,7 +30,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from lorawarm.inspection import Rules
+from lorawarm.inspection import DEFAULT_MAX_ADAPTER_BYTES, Rules
 from lorawarm.names import BadName, check_name
 
 EX_CONFIG = 78
@@ -107,6 +107,20 @@ class Settings(BaseSettings):
         default=[],
         description="vLLM's --served-model-name values: no adapter may take one of these names "
         "(comma-separated).",
+    )
+    max_adapter_bytes: int = Field(
+        default=DEFAULT_MAX_ADAPTER_BYTES,
+        ge=1,
+        description="Largest adapter accepted, in bytes (adapter_config.json plus the weights "
+        "file); nothing larger is digested, copied or loaded. The default, 8 GiB, is more than "
+        "twice a rank-64 LoRA on every linear layer of a 70B model saved in fp32 (~3.3 GB).",
+    )
+    safetensors_only: bool = Field(
+        default=True,
+        description="Refuse .bin/.pt weights: vLLM unpickles them (torch.load with weights_only, "
+        "which has had bypasses), and pre-warming does so on every server before anyone asks. "
+        "PEFT writes safetensors by default; set false only to serve pickled adapters from a "
+        "directory that only trusted users can write.",
     )
     settle_seconds: float = Field(
         default=5.0,
@@ -274,6 +288,8 @@ class Settings(BaseSettings):
             base_model=self.base_model,
             base_model_aliases=tuple(self.base_model_aliases),
             served_model_names=tuple(self.served_model_names),
+            max_adapter_bytes=self.max_adapter_bytes,
+            safetensors_only=self.safetensors_only,
         )
 
 

@@ -12,19 +12,28 @@ again, which keeps it testable without sleeping.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorawarm.inspection import MAX_ENTRIES
+
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+# One entry more than inspection accepts: enough to tell that a folder is over the limit (and
+# to see it come back under it), without listing or stat-ing the rest of a hostile tree.
+MAX_FINGERPRINT_ENTRIES = MAX_ENTRIES + 1
 
 
 def fingerprint(folder: str | Path) -> Fingerprint | None:
-    """Stat data of the folder's top-level entries, or None when the folder is gone."""
+    """Stat data of the folder's top-level entries, or None when the folder is gone.
+
+    At most `MAX_FINGERPRINT_ENTRIES` entries are looked at, in listing order.
+    """
     try:
         with os.scandir(folder) as it:
-            listing = list(it)
+            listing = list(itertools.islice(it, MAX_FINGERPRINT_ENTRIES))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError:
@@ -34,9 +43,10 @@ def fingerprint(folder: str | Path) -> Fingerprint | None:
 
 
 def fingerprint_of(listing: Iterable[os.DirEntry[str]]) -> Fingerprint:
-    """The fingerprint of a folder from a listing of it (`os.scandir`) already at hand."""
+    """The fingerprint of a folder from a listing of it (`os.scandir`) already at hand; like
+    `fingerprint`, it stats no more than the first `MAX_FINGERPRINT_ENTRIES` entries."""
     entries = []
-    for entry in listing:
+    for entry in itertools.islice(listing, MAX_FINGERPRINT_ENTRIES):
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:

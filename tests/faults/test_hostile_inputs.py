@@ -47,6 +47,8 @@ from tests.unit.adapters import (
 
 SERVED = "tiny-llama-served"
 RULES = Rules(base_model=BASE_MODEL, served_model_names=(SERVED,))
+# With pickles allowed, `.bin`/`.pt` files are opened and their containers checked.
+PICKLE_RULES = Rules(base_model=BASE_MODEL, served_model_names=(SERVED,), safetensors_only=False)
 GIB = 1 << 30
 MAX_RSS_KB = 300 * 1024
 Build = Callable[[Path, "Outside"], None]
@@ -64,12 +66,23 @@ class Outside:
 @dataclass(frozen=True)
 class Hostile:
     """One hostile folder: its name in the drop dir (org/name allowed), how to build it at a
-    staging path (then renamed into place), and the reason both the daemon and the plugin give."""
+    staging path (then renamed into place), and the reason both the daemon and the plugin give
+    when pickles are allowed (`safetensors_only` off)."""
 
     label: str
     name: str
     reason: str
     build: Build
+
+    @property
+    def pickled(self) -> bool:
+        """Its weights file is a `.bin`/`.pt`: by default refused without being opened."""
+        return self.label.startswith(("bin-", "pt-"))
+
+    @property
+    def default_reason(self) -> str:
+        """The reason under the default settings."""
+        return "pickle_not_allowed" if self.pickled else self.reason
 
 
 # --- builders ------------------------------------------------------------------------------------
@@ -309,6 +322,7 @@ CONTENT = [  # (label, reason, build): an ordinary name, hostile content
     ("st-huge-shape", "weights_header_invalid", weights(st_huge_shape())),
     ("st-negative-offset", "weights_header_invalid", weights(st_negative_offset())),
     ("st-is-a-pickle", "weights_header_invalid", evil_pickle_as_safetensors),
+    ("st-9gib-sparse", "too_large", sparse_weights(struct.pack("<Q", 2), 9 * GIB)),
     ("bin-pickle-protocol-0", "weights_unrecognized", evil_pickle(0, BIN)),
     ("bin-pickle-protocol-2", "weights_unrecognized", evil_pickle(2, BIN)),
     ("pt-pickle-protocol-4", "weights_unrecognized", evil_pickle(4, PT)),
@@ -363,8 +377,8 @@ def top(name: str) -> str:
     return name.split("/", 1)[0]
 
 
-def shown(hostile: Hostile) -> str:
-    return f"{hostile.label:28} {hostile.reason:24} {ascii(hostile.name)[:60]}"
+def shown(hostile: Hostile, reason: str) -> str:
+    return f"{hostile.label:28} {reason:24} {ascii(hostile.name)[:60]}"
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -456,14 +470,14 @@ def test_corpus_through_the_daemon(
         wrong = {
             h.label: (docs[api_name(h.name)]["reason"], h.reason)
             for h in CORPUS
-            if docs[api_name(h.name)]["reason"] != h.reason
+            if docs[api_name(h.name)]["reason"] != h.default_reason
         }
         assert wrong == {}, wrong
         assert set(docs) == {api_name(h.name) for h in CORPUS} | {"control"}
         for hostile in CORPUS:  # each also answers on its own route, by its (quoted) name
             one = proc.get("/v1/adapters/" + urllib.parse.quote(api_name(hostile.name), safe="/"))
             assert one.status_code == 200, (hostile.label, one.status_code, one.text[:200])
-            assert one.json()["reason"] == hostile.reason, hostile.label
+            assert one.json()["reason"] == hostile.default_reason, hostile.label
             assert one.json()["message"], hostile.label
 
         loads = [(r.route, r.name) for r in server.requests("load", "unload")]
@@ -477,7 +491,7 @@ def test_corpus_through_the_daemon(
         mb = peak // 1024
         print(f"\nhostile corpus through the daemon: {len(CORPUS)} folders, peak RSS {mb} MB")
         for hostile in CORPUS:
-            print("  " + shown(hostile))
+            print("  " + shown(hostile, hostile.default_reason))
 
 
 # --- the plugin ----------------------------------------------------------------------------------
@@ -495,11 +509,17 @@ class Reasons(logging.Handler):
             self.by_name[str(record.args[0])] = str(record.args[1])  # type: ignore[index]  # args is a tuple here
 
 
+@pytest.mark.parametrize("pickles", [False, True], ids=["default", "pickles-allowed"])
 def test_corpus_through_the_plugin(
-    world: tuple[Path, Path, Outside], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    world: tuple[Path, Path, Outside],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pickles: bool,
 ) -> None:
     """`LorawarmResolver.resolve_lora` answers None for every hostile folder and every hostile
-    request name, logging the same specific reason as the daemon, and unpickles nothing."""
+    request name, logging the same specific reason as the daemon, and unpickles nothing: by
+    default `.bin`/`.pt` files are refused unopened, with pickles allowed each gets the reason
+    its container check gives."""
     drop, _, outside = world
     if not (drop / "control").exists():
         drop_corpus(drop, outside)
@@ -509,13 +529,14 @@ def test_corpus_through_the_plugin(
     reasons = Reasons()
     logger.addHandler(reasons)
     logger.setLevel(logging.DEBUG)
-    resolver = LorawarmResolver(drop, store, RULES, logger=logger)
+    resolver = LorawarmResolver(drop, store, PICKLE_RULES if pickles else RULES, logger=logger)
 
     async def resolve_all(names: list[str]) -> list[object]:
         return [await resolver.resolve_lora(BASE_MODEL, n) for n in names]
 
     try:
-        cases = [(h.name, h.reason) for h in CORPUS] + REQUEST_NAMES
+        expected = [(h.name, h.reason if pickles else h.default_reason) for h in CORPUS]
+        cases = expected + REQUEST_NAMES
         answers = asyncio.run(resolve_all([name for name, _ in cases]))
         assert resolver.resolve_snapshot(BASE_MODEL, "control") is not None
     finally:

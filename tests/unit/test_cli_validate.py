@@ -13,7 +13,7 @@ import pytest
 
 from lorawarm import __version__
 from lorawarm.cli import main
-from tests.unit.adapters import BASE_MODEL, SAFETENSORS, write_adapter
+from tests.unit.adapters import BASE_MODEL, BIN, SAFETENSORS, torch_zip_bytes, write_adapter
 
 FALLBACKS = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_API_KEY", "STATE_DIRECTORY", "XDG_STATE_HOME")
 
@@ -89,7 +89,60 @@ def test_max_lora_rank_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert run(capsys, "validate", "--max-lora-rank", "32", r32)[0] == 0
     code, lines, _ = run(capsys, "validate", "--max-lora-rank", "4", r32)
     assert code == 1
-    assert "rank 32 is above the server's max LoRA rank 4" in lines[0]
+    assert "rank 32 is above the max LoRA rank 4; pass a larger --max-lora-rank" in lines[0]
+    assert "LORAWARM_" not in lines[0]
+    assert "server" not in lines[0]
+
+
+def test_messages_speak_of_the_command_not_of_a_copy(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An empty folder is reported as missing its config, without the daemon's "may still be
+    copying" (nothing is being copied into a folder named on the command line)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, lines, _ = run(capsys, "validate", empty)
+    assert code == 1
+    assert lines == [f"{empty}: invalid: missing_config: adapter_config.json is missing"]
+
+
+def test_drop_directory_itself_is_named_a_directory_of_adapters(
+    capsys: pytest.CaptureFixture[str], good: Path, broken: Path
+) -> None:
+    """`validate` on the directory holding adapters says it is a directory of adapters, not
+    an adapter, and suggests passing the folders inside (the reason code stays the same)."""
+    code, lines, _ = run(capsys, "validate", good.parent)
+    assert code == 1
+    [line] = lines
+    assert line.startswith(f"{good.parent}: invalid: missing_config: ")
+    assert "looks like a directory of adapters (broken, good), not an adapter" in line
+    assert f"pass the adapter folders inside it instead, such as {broken}" in line
+    assert "copying" not in line
+
+
+def test_max_adapter_bytes_flag(capsys: pytest.CaptureFixture[str], good: Path) -> None:
+    """`--max-adapter-bytes` refuses a larger adapter as `too_large`, naming its size, the limit
+    and the flag that raises it."""
+    size = sum(f.stat().st_size for f in good.iterdir())
+    code, lines, _ = run(capsys, "validate", "--max-adapter-bytes", str(size - 1), good)
+    assert code == 1
+    assert lines[0].startswith(f"{good}: invalid: too_large: ")
+    assert f"are {size} bytes" in lines[0]
+    assert f"at most {size - 1} bytes" in lines[0]
+    assert "raise --max-adapter-bytes" in lines[0]
+    assert run(capsys, "validate", "--max-adapter-bytes", str(size), good)[0] == 0
+
+
+def test_safetensors_only_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Pickled `.bin` weights are refused by default with the flag that accepts them, and
+    `--no-safetensors-only` checks their container instead."""
+    pickled = write_adapter(tmp_path / "pickled", weights=BIN, weights_bytes=torch_zip_bytes())
+    code, lines, _ = run(capsys, "validate", pickled)
+    assert code == 1
+    assert lines[0].startswith(f"{pickled}: invalid: pickle_not_allowed: ")
+    assert "pass --no-safetensors-only" in lines[0]
+    assert run(capsys, "validate", "--no-safetensors-only", pickled)[0] == 0
+    assert run(capsys, "validate", "--safetensors-only", pickled)[0] == 1
 
 
 def test_max_lora_rank_from_environment(

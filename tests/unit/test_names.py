@@ -13,7 +13,6 @@ from lorawarm.names import (
     check_name,
     folder_for,
     is_name,
-    name_of,
 )
 
 GOOD = [
@@ -118,9 +117,3 @@ def test_folder_for_refuses_symlinked_org_out_of_root(tmp_path: Path) -> None:
     (root / "self").symlink_to(".", target_is_directory=True)
     assert folder_for(root, "org/x") is None
     assert folder_for(root, "self") is None  # the root itself is no adapter
-
-
-def test_name_of_is_relative_posix_path(tmp_path: Path) -> None:
-    """The name of a folder is its path under the root with forward slashes."""
-    assert name_of(tmp_path, tmp_path / "org" / "x") == "org/x"
-    assert name_of(tmp_path, tmp_path / "x") == "x"

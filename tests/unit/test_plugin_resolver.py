@@ -21,7 +21,7 @@ from lorawarm.inspection import Reason, Rules
 from lorawarm.settings import EX_CONFIG
 from lorawarm.snapshot import Snapshot, SnapshotStore
 from lorawarm_vllm import LorawarmResolver, PluginConfigError, build_resolver, register
-from tests.unit.adapters import CONFIG, SAFETENSORS, drop, write_adapter
+from tests.unit.adapters import BIN, CONFIG, SAFETENSORS, drop, torch_zip_bytes, write_adapter
 
 MODEL = "/models/tiny-llama"  # what vLLM passes as base_model_name: its --model
 RULES = Rules(max_lora_rank=16)
@@ -225,7 +225,38 @@ INVALID: dict[str, tuple[Reason, Callable[[Path], Path]]] = {
         Reason.WEIGHTS_NOT_LORA,
         broken(tensors={"model.embed_tokens.weight": np.zeros((4, 4), np.float32)}),
     ),
+    "pickled_weights": (
+        Reason.PICKLE_NOT_ALLOWED,
+        broken(weights=BIN, weights_bytes=torch_zip_bytes()),
+    ),
 }
+
+
+async def test_adapter_above_the_size_limit_resolves_to_nothing(
+    make_resolver: MakeResolver, cache: Path, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugin applies `max_adapter_bytes` from its rules: a larger adapter is never copied
+    or handed to vLLM, and the log line names the size and the limit."""
+    folder = adapter(cache)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    small = make_resolver(Rules(max_lora_rank=16, max_adapter_bytes=size - 1))
+    assert await small.resolve_lora(MODEL, "a") is None
+    [line] = warnings_about(caplog, "a")
+    assert "(too_large)" in line
+    assert f"{size} bytes" in line
+    assert f"{size - 1} bytes" in line
+    assert published(state) == []
+    exact = make_resolver(Rules(max_lora_rank=16, max_adapter_bytes=size))
+    assert await exact.resolve_lora(MODEL, "a") is not None
+
+
+async def test_pickled_weights_resolve_when_allowed(
+    make_resolver: MakeResolver, cache: Path
+) -> None:
+    """With `safetensors_only` off, a torch `.bin` adapter resolves (its container checked)."""
+    adapter(cache, weights=BIN, weights_bytes=torch_zip_bytes())
+    allowed = make_resolver(Rules(max_lora_rank=16, safetensors_only=False))
+    assert await allowed.resolve_lora(MODEL, "a") is not None
 
 
 @pytest.mark.parametrize(("reason", "build"), INVALID.values(), ids=INVALID.keys())
@@ -630,13 +661,20 @@ def test_register_adds_the_lorawarm_resolver(
 
     env.setenv("LORAWARM_BASE_MODEL_ALIASES", "org/tiny,tiny-v1")
     env.setenv("LORAWARM_MAX_LORA_RANK", "64")
+    env.setenv("LORAWARM_MAX_ADAPTER_BYTES", "1000000")
+    env.setenv("LORAWARM_SAFETENSORS_ONLY", "false")
     register()
     resolver = registry.get_resolver("lorawarm")
     assert isinstance(resolver, LorawarmResolver)
     assert isinstance(resolver, LoRAResolver)
     assert resolver.cache_dir == cache
     assert resolver.store.root == state / "snapshots"
-    assert resolver.rules == Rules(max_lora_rank=64, base_model_aliases=("org/tiny", "tiny-v1"))
+    assert resolver.rules == Rules(
+        max_lora_rank=64,
+        base_model_aliases=("org/tiny", "tiny-v1"),
+        max_adapter_bytes=1_000_000,
+        safetensors_only=False,
+    )
 
 
 def test_register_twice_keeps_the_first_resolver(env: pytest.MonkeyPatch, registry: Any) -> None:

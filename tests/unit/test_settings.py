@@ -300,13 +300,36 @@ def test_rules_follow_settings() -> None:
         base_model="/models/llama",
         base_model_aliases=["meta/llama"],
         served_model_names=["chat"],
+        max_adapter_bytes=1 << 30,
+        safetensors_only=False,
     )
     assert s.rules() == Rules(
         max_lora_rank=32,
         base_model="/models/llama",
         base_model_aliases=("meta/llama",),
         served_model_names=("chat",),
+        max_adapter_bytes=1 << 30,
+        safetensors_only=False,
     )
+
+
+def test_size_limit_and_pickle_refusal_have_safe_defaults() -> None:
+    """Out of the box, adapters above 8 GiB and pickled (.bin/.pt) weights are refused."""
+    rules = Settings().rules()
+    assert rules.max_adapter_bytes == 8 << 30
+    assert rules.safetensors_only is True
+
+
+def test_size_limit_and_pickle_refusal_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LORAWARM_MAX_ADAPTER_BYTES and LORAWARM_SAFETENSORS_ONLY set the two rules; a limit
+    that is not a positive integer is a configuration error naming the variable."""
+    monkeypatch.setenv("LORAWARM_MAX_ADAPTER_BYTES", "1048576")
+    monkeypatch.setenv("LORAWARM_SAFETENSORS_ONLY", "false")
+    rules = load().rules()
+    assert (rules.max_adapter_bytes, rules.safetensors_only) == (1 << 20, False)
+    monkeypatch.setenv("LORAWARM_MAX_ADAPTER_BYTES", "0")
+    with pytest.raises(ConfigError, match="LORAWARM_MAX_ADAPTER_BYTES"):
+        load()
 
 
 def test_reference_table_lists_every_setting() -> None:

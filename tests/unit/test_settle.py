@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lorawarm.settle import Fingerprint, Settler, fingerprint, newest_mtime
+from lorawarm.inspection import MAX_ENTRIES, Invalid, Reason, Rules, inspect_adapter
+from lorawarm.settle import Fingerprint, Settler, fingerprint, fingerprint_of, newest_mtime
 from tests.unit.adapters import CONFIG, SAFETENSORS, write_adapter
 
 SETTLE = 5.0
@@ -239,6 +240,29 @@ def test_fingerprint_keeps_dangling_symlinks(tmp_path: Path) -> None:
     got = fingerprint(folder)
     assert got is not None
     assert [e[0] for e in got] == ["broken"]
+
+
+def test_fingerprint_stops_at_the_entry_limit_of_inspection(tmp_path: Path) -> None:
+    """A folder with a thousand entries is fingerprinted from one entry more than inspection
+    accepts (inspection refuses it as `too_many_files`), from a fresh look or from a listing
+    at hand, and its fingerprint changes once it is cut back under the limit."""
+    folder = write_adapter(tmp_path / "a")
+    for i in range(MAX_ENTRIES * 4):
+        (folder / f"junk-{i:04}").touch()
+    over = fingerprint(folder)
+    assert over is not None
+    assert len(over) == MAX_ENTRIES + 1
+    with os.scandir(folder) as it:
+        assert fingerprint_of(list(it)) == over
+    inspected = inspect_adapter(folder, root=tmp_path, rules=Rules())
+    assert isinstance(inspected, Invalid)
+    assert inspected.reason == Reason.TOO_MANY_FILES
+    for junk in sorted(folder.glob("junk-*"))[MAX_ENTRIES - 10 :]:
+        junk.unlink()
+    under = fingerprint(folder)
+    assert under is not None
+    assert len(under) == MAX_ENTRIES - 10 + 2
+    assert under != over
 
 
 def test_newest_mtime_is_in_wall_seconds() -> None:
