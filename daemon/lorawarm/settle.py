@@ -104,6 +104,3 @@ class Settler:
 
     def forget(self, name: str) -> None:
         self._watches.pop(name, None)
-
-    def settling(self) -> set[str]:
-        return set(self._watches)

@@ -40,7 +40,6 @@ def test_published_folder_is_ready_at_once() -> None:
     """A folder renamed into place is ready on the first observation, quiet or not."""
     settler = Settler(SETTLE)
     assert settler.observe("a", FRESH, now=NOW, wall=WALL, published=True)
-    assert settler.settling() == set()
     assert settler.due("a") is None
 
 
@@ -48,11 +47,10 @@ def test_in_place_copy_waits_for_the_quiet_period() -> None:
     """A freshly written folder is ready only once it has been unchanged for settle_seconds."""
     settler = Settler(SETTLE)
     assert not settler.observe("a", FRESH, now=NOW, wall=WALL)
-    assert settler.settling() == {"a"}
     assert settler.due("a") == NOW + SETTLE
     assert not settler.observe("a", FRESH, now=NOW + SETTLE - 0.01, wall=WALL + SETTLE - 0.01)
     assert settler.observe("a", FRESH, now=NOW + SETTLE, wall=WALL + SETTLE)
-    assert settler.settling() == set()
+    assert settler.due("a") is None
 
 
 def test_fingerprint_change_restarts_the_clock() -> None:
@@ -128,11 +126,11 @@ def test_names_are_tracked_independently() -> None:
     settler = Settler(SETTLE)
     settler.observe("a", FRESH, now=NOW, wall=WALL)
     settler.observe("org/b", fp(("w", 1, WALL + 2)), now=NOW + 2, wall=WALL + 2)
-    assert settler.settling() == {"a", "org/b"}
     assert settler.due("a") == NOW + SETTLE
     assert settler.due("org/b") == NOW + 2 + SETTLE
     assert settler.observe("a", FRESH, now=NOW + SETTLE, wall=WALL + SETTLE)
-    assert settler.settling() == {"org/b"}
+    assert settler.due("a") is None
+    assert settler.due("org/b") == NOW + 2 + SETTLE
 
 
 def test_forget_drops_the_watch() -> None:
@@ -142,7 +140,6 @@ def test_forget_drops_the_watch() -> None:
     settler.forget("a")
     settler.forget("a")
     assert settler.due("a") is None
-    assert settler.settling() == set()
     # Seen again, it starts over, judged by its files' age as on a first sighting.
     assert not settler.observe("a", FRESH, now=NOW + 4, wall=WALL + 4)
     assert settler.due("a") == NOW + SETTLE
