@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from lorawarm.daemon import Daemon
+from lorawarm.settings import load
 
 # Variables lorawarm reads besides its own LORAWARM_* ones.
 FALLBACKS = ("STATE_DIRECTORY", "XDG_STATE_HOME")
@@ -50,3 +54,32 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.02)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+UNREACHABLE = "http://127.0.0.1:9"
+"""A vLLM URL nothing answers on (the discard port)."""
+
+MakeDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+async def make_daemon(cache: Path, state: Path) -> AsyncIterator[MakeDaemon]:
+    """Daemons on the test's drop and state dirs (an unreachable vLLM, a 0.3 s settle period,
+    any setting overridable), closed after the test."""
+    made: list[Daemon] = []
+
+    def make(**overrides: Any) -> Daemon:
+        settings = load(
+            cache_dir=cache,
+            state_dir=state,
+            vllm_urls=overrides.pop("vllm_urls", [UNREACHABLE]),
+            status_port=0,
+            settle_seconds=overrides.pop("settle_seconds", 0.3),
+            **overrides,
+        )
+        made.append(daemon := Daemon(settings))
+        return daemon
+
+    yield make
+    for daemon in made:
+        await daemon.aclose()  # rescan() starts the observer

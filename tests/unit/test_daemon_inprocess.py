@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,34 +29,9 @@ from lorawarm.watcher import Hint
 from tests.support.daemon_proc import LorawarmProcess, wait_for
 from tests.support.vllm_server import free_port
 from tests.unit.adapters import CONFIG, SAFETENSORS, write_adapter
+from tests.unit.conftest import UNREACHABLE, MakeDaemon
 
-UNREACHABLE = "http://127.0.0.1:9"
 TOKEN = "status-secret-42"
-
-
-MakeDaemon = Callable[..., Daemon]
-
-
-@pytest.fixture
-async def make_daemon(cache: Path, state: Path) -> AsyncIterator[MakeDaemon]:
-    made: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        settings = load(
-            cache_dir=cache,
-            state_dir=state,
-            vllm_urls=overrides.pop("vllm_urls", [UNREACHABLE]),
-            status_port=0,
-            settle_seconds=overrides.pop("settle_seconds", 0.3),
-            **overrides,
-        )
-        daemon = Daemon(settings)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        await daemon.aclose()  # rescan() starts the observer
 
 
 def snapshot_of(daemon: Daemon, name: str) -> Snapshot:

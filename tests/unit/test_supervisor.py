@@ -12,9 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,37 +20,14 @@ from watchdog.observers import Observer
 
 from lorawarm import watcher as watcher_module
 from lorawarm.catalog import AdapterState
-from lorawarm.daemon import EX_SOFTWARE, Daemon
-from lorawarm.settings import EX_CONFIG, load
+from lorawarm.daemon import EX_SOFTWARE
+from lorawarm.settings import EX_CONFIG
 from lorawarm.status import create_app
 from tests.support.daemon_proc import LorawarmProcess, wait_for
 from tests.unit.adapters import SAFETENSORS, write_adapter
+from tests.unit.conftest import UNREACHABLE, MakeDaemon
 
-UNREACHABLE = "http://127.0.0.1:9"
 UNIT = Path(__file__).parents[2] / "systemd" / "lorawarm.service"
-
-MakeDaemon = Callable[..., Daemon]
-
-
-@pytest.fixture
-async def make_daemon(cache: Path, state: Path) -> AsyncIterator[MakeDaemon]:
-    made: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        settings = load(
-            cache_dir=cache,
-            state_dir=state,
-            vllm_urls=[UNREACHABLE],
-            status_port=0,
-            settle_seconds=0.3,
-            **overrides,
-        )
-        made.append(daemon := Daemon(settings))
-        return daemon
-
-    yield make
-    for daemon in made:
-        await daemon.aclose()
 
 
 async def test_a_crashed_part_exits_70(
