@@ -178,7 +178,9 @@ class Daemon:
                 scan.cancel()
                 await asyncio.wait([scan], timeout=SHUTDOWN_DEADLINE)
                 return 0
-            scan.result()
+            if scan.exception() is not None:
+                log.error("task_crashed", task=scan.get_name(), error=repr(scan.exception()))
+                return EX_SOFTWARE
             self.ready = True
             log.info(
                 "ready",

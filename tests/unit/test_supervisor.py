@@ -44,6 +44,19 @@ async def test_a_crashed_part_exits_70(
     assert await asyncio.wait_for(daemon.run(), timeout=30) == EX_SOFTWARE == 70
 
 
+async def test_a_crash_in_the_first_scan_exits_70(
+    make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that kills the first scan is a crash too: exit 70, not a traceback and 1."""
+    daemon = make_daemon()
+
+    async def crash(published: frozenset[str] = frozenset()) -> None:
+        raise RuntimeError("a bug in the intake")
+
+    monkeypatch.setattr(daemon.intake, "rescan", crash)
+    assert await asyncio.wait_for(daemon.run(), timeout=30) == EX_SOFTWARE
+
+
 def test_the_unit_restarts_on_70_but_not_on_78() -> None:
     """systemd restarts lorawarm after a crash (exit 70) and not after a bad configuration."""
     unit = configparser.ConfigParser(strict=False, interpolation=None)
