@@ -68,7 +68,11 @@ LOADED = re.compile(re.escape(LORA_LOADED_LOG) + r"([^']+)'")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cold_start",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--adapters", type=int, default=10_000, help="adapter folders (10000)")
     parser.add_argument("--rank", type=int, default=8, help="rank of the adapters (8)")
     parser.add_argument(
