@@ -107,11 +107,16 @@ def adapter_state(record: AdapterRecord, per_server: Sequence[ServerAdapter]) ->
 class Catalog:
     """All records, plus the warm-set policy (pinned first, then newest, up to the limit)."""
 
-    def __init__(self, *, pinned: Iterable[str], warm_limit: int | None) -> None:
+    def __init__(
+        self, *, pinned: Iterable[str], warm_limit: int | None, complete: bool = True
+    ) -> None:
+        """`complete=False` for a catalog that a first scan is still filling (the daemon's):
+        until `mark_complete()`, a name missing here may just not have been reached yet."""
         self.pinned = list(pinned)
         self.warm_limit = warm_limit
         self.version = 0
         self.warm_version = 0
+        self.complete = complete  # an adapter missing here is deleted (not just not seen yet)
         self._subscribers: list[asyncio.Event] = []
         self._records: dict[str, AdapterRecord] = {}
         self._released: dict[str, float] = {}  # snapshot path -> when no record pointed to it
@@ -173,6 +178,12 @@ class Catalog:
         record.newest_mtime = newest_mtime
         self._hold(snapshot)
         self._bump(warm=True)
+
+    def mark_complete(self) -> None:
+        """The first full scan is done: from now on an adapter missing here is deleted."""
+        if not self.complete:
+            self.complete = True
+            self._bump(warm=True)
 
     def touch(self) -> None:
         """A record changed in a way only the status shows (verdict, settling)."""

@@ -65,7 +65,9 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.store = SnapshotStore(settings.state_dir)
-        self.catalog = Catalog(pinned=settings.pinned, warm_limit=settings.warm_limit)
+        self.catalog = Catalog(
+            pinned=settings.pinned, warm_limit=settings.warm_limit, complete=False
+        )
         self.intake = Intake(
             settings, self.catalog, self.store, self.metrics, rules=settings.rules()
         )
@@ -170,34 +172,35 @@ class Daemon:
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             started = time.monotonic()
-            # The first scan may take a minute at 10,000 folders: a stop is honoured meanwhile.
+            # The reconcilers start with the first scan: a cold start of 10,000 folders loads
+            # while it inspects (they load only, and unload nothing, until the catalog is
+            # complete). A stop is honoured at any point of the scan.
+            tasks = [
+                asyncio.create_task(r.run(), name=f"reconcile {r.url}") for r in self.reconcilers
+            ]
+            tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
             scan = asyncio.create_task(self.intake.rescan(), name="first scan")
-            await asyncio.wait([scan, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([scan, stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             if not scan.done():
                 self.intake.stop()
                 scan.cancel()
                 await asyncio.wait([scan], timeout=SHUTDOWN_DEADLINE)
-                return 0
-            if scan.exception() is not None:
-                log.error("task_crashed", task=scan.get_name(), error=repr(scan.exception()))
-                return EX_SOFTWARE
-            self.ready = True
-            log.info(
-                "ready",
-                adapters=len(self.catalog),
-                seconds=round(time.monotonic() - started, 3),
-                status=f"http://{self.settings.status_host}:{self.status_port}",
-            )
-            tasks = [
-                asyncio.create_task(r.run(), name=f"reconcile {r.url}") for r in self.reconcilers
-            ]
-            tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
-            tasks.append(asyncio.create_task(self.collector.run(), name="collect"))
-            tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
-            self.notifier.ready(self.summary())
-            for r in self.reconcilers:
-                r.wake()
-            await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                tasks.append(scan)
+            elif scan.exception() is not None:
+                tasks.append(scan)
+            else:
+                self.ready = True
+                log.info(
+                    "ready",
+                    adapters=len(self.catalog),
+                    seconds=round(time.monotonic() - started, 3),
+                    status=f"http://{self.settings.status_host}:{self.status_port}",
+                )
+                tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
+                tasks.append(asyncio.create_task(self.collector.run(), name="collect"))
+                self.notifier.ready(self.summary())
+            if self.ready:
+                await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.error("task_crashed", task=task.get_name(), error=repr(task.exception()))

@@ -243,6 +243,7 @@ class Intake:
             for (record, fp), outcome in zip(batch, checked, strict=True):
                 await self._isolated(record.name, self._take(record, fp, outcome))
         self.scans += 1
+        self.catalog.mark_complete()
 
     async def apply(self, hints: list[Hint]) -> None:
         """Take a batch of hints: the folders they name, or a full rescan."""

@@ -379,6 +379,12 @@ class ServerReconciler:
             n for n, f in self._failures.items() if f.due > now and want.get(n) == f.path
         )
         step = plan(self.catalog.desired(), self.actual, self._foreign, blocked=blocked, want=want)
+        if not self.catalog.complete:
+            # The first scan is still running: what it has not reached yet is not deleted, and
+            # with a warm limit the order is not known yet. Load what is known, unload nothing.
+            if self.catalog.warm_limit is not None:
+                return Plan()
+            step = Plan((), step.loads, step.conflicts)
         if frozenset(step.conflicts) != self._conflicts:
             self._conflicts = frozenset(step.conflicts)
         return step

@@ -167,10 +167,14 @@ class Adapters:
         )
 
     def catalog(
-        self, *names: str, pinned: tuple[str, ...] = (), warm_limit: int | None = None
+        self,
+        *names: str,
+        pinned: tuple[str, ...] = (),
+        warm_limit: int | None = None,
+        complete: bool = True,
     ) -> Catalog:
         """Records for `names`, the first newest (so the warm order is `names` after pins)."""
-        cat = Catalog(pinned=list(pinned), warm_limit=warm_limit)
+        cat = Catalog(pinned=list(pinned), warm_limit=warm_limit, complete=complete)
         for i, name in enumerate(names):
             cat.add(self.record(name, mtime=1000.0 - i))
         return cat
@@ -395,6 +399,42 @@ async def test_deleted_adapter_is_unloaded(adapters: Adapters, make: MakeReconci
     assert fake.registry == {"a": path(cat, "a")}
     assert rec.status.unloads == 1
     assert sample(rec, "lorawarm_unloads_total") == 1
+
+
+async def test_during_the_first_scan_it_loads_and_unloads_nothing(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """While the first scan still fills the catalog, what it found is loaded at once (a cold
+    start loads while it inspects), but an adapter the server holds that the scan has not
+    reached yet is not taken for deleted; once the scan is done, it is."""
+    stale = adapters.catalog("b")
+    fake = FakeVllm()
+    await make(fake, stale).sync()  # b loaded by an earlier lorawarm
+    cat = adapters.catalog("a", complete=False)
+    rec = make(fake, cat)
+    fake.calls.clear()
+    await rec.sync()
+    assert fake.ops() == [("load", "a", path(cat, "a"))]
+    assert set(fake.registry) == {"a", "b"}
+    cat.mark_complete()
+    fake.calls.clear()
+    await rec.sync()
+    assert fake.ops() == [("unload", "b", None)]
+
+
+async def test_with_a_warm_limit_nothing_moves_before_the_first_scan_is_done(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """With a warm limit the order is not known until every folder was seen: nothing is
+    loaded that the rest of the scan might push out again."""
+    cat = adapters.catalog("a", "b", warm_limit=1, complete=False)
+    fake = FakeVllm()
+    rec = make(fake, cat)
+    await rec.sync()
+    assert fake.ops() == []
+    cat.mark_complete()
+    await rec.sync()
+    assert fake.ops() == [("load", "a", path(cat, "a"))]
 
 
 async def test_replaced_adapter_is_unloaded_before_the_new_path_loads(
