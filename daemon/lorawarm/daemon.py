@@ -302,7 +302,7 @@ def run_daemon(settings: Settings) -> int:
         holder = lock_state_dir(settings.state_dir)
     except OSError as err:
         print(
-            f"lorawarm: configuration error: LORAWARM_STATE_DIR (state_dir): cannot lock "
+            f"lorawarm: configuration error: {settings.origin('state_dir')}: cannot lock "
             f"{settings.state_dir}: {err.strerror}",
             file=sys.stderr,
         )
@@ -321,7 +321,7 @@ def run_daemon(settings: Settings) -> int:
     except OSError as err:
         if err.errno in (98, 99):  # EADDRINUSE, EADDRNOTAVAIL: the status API cannot bind
             print(
-                f"lorawarm: configuration error: LORAWARM_STATUS_PORT (status_port): cannot bind "
+                f"lorawarm: configuration error: {settings.origin('status_port')}: cannot bind "
                 f"{settings.status_host}:{settings.status_port}: {err.strerror}",
                 file=sys.stderr,
             )
