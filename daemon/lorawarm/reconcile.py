@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ from lorawarm.snapshot import SnapshotStore
 from lorawarm.vllm_client import Condition, LoadResult, VllmClient, VllmError
 
 log = get_logger(__name__)
+
+# While the catalog keeps changing (a first scan), a running plan is made again this often.
+REPLAN_SECONDS = 0.5
 
 # A server that cannot be reached, or that answers nothing in time, is down (not just busy).
 _DOWN = frozenset({Condition.UNREACHABLE, Condition.TIMEOUT, Condition.ENGINE_DEAD})
@@ -307,29 +311,36 @@ class ServerReconciler:
     async def sync(self) -> None:
         """List the server's adapters, plan, and run the plan one operation at a time.
 
-        The plan is made again only when the catalog changed since it was made, or when a
-        step found the server other than planned; otherwise its next step runs.
+        The plan is made again when a step found the server other than planned, when it is
+        done and the catalog changed meanwhile, and otherwise at most every REPLAN_SECONDS
+        while the catalog keeps changing (a first scan changes it 10,000 times: planning
+        after each load cost a sort of the catalog per load). A load whose record points
+        elsewhere by now is skipped.
         """
         started = time.monotonic()
         try:
             await self._refresh_actual()
-            step = self._plan()
-            planned_at = self.catalog.warm_version
-            while not step.empty:
-                if step.unloads:
-                    name, *rest = step.unloads
-                    await self._unload(name)
-                    step = Plan(tuple(rest), step.loads, step.conflicts)
-                else:
-                    (name, path), *more = step.loads
-                    await self._load(name, path)
-                    step = Plan((), tuple(more), step.conflicts)
-                if self.catalog.warm_version != planned_at or self._stale:
+            unloads, loads, planned_at, planned_t = self._steps()
+            while True:
+                changed = self.catalog.warm_version != planned_at
+                if self._stale or (
+                    changed
+                    and (not (unloads or loads) or time.monotonic() - planned_t >= REPLAN_SECONDS)
+                ):
                     self._stale = False
                     if not self.known:
                         await self._refresh_actual()
-                    step = self._plan()
-                    planned_at = self.catalog.warm_version
+                    unloads, loads, planned_at, planned_t = self._steps()
+                if unloads:
+                    await self._unload(unloads.popleft())
+                elif loads:
+                    name, path = loads.popleft()
+                    record = self.catalog.get(name)
+                    snap = None if record is None else record.snapshot
+                    if snap is not None and str(snap.path) == path:
+                        await self._load(name, path)
+                else:
+                    break
         except VllmError as err:
             self._server_failed(err)
         else:
@@ -368,6 +379,10 @@ class ServerReconciler:
         if loaded is not None and all(o.path != loaded.path for o in self._actual.values()):
             self._released[loaded.path] = time.time()
         self._changed()
+
+    def _steps(self) -> tuple[deque[str], deque[tuple[str, str]], int, float]:
+        step = self._plan()
+        return deque(step.unloads), deque(step.loads), self.catalog.warm_version, time.monotonic()
 
     def _plan(self) -> Plan:
         for book in (self._attempts, self._warmed, self._failures):
