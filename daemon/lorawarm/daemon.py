@@ -172,13 +172,11 @@ class Daemon:
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             started = time.monotonic()
-            # The reconcilers start with the first scan: a cold start of 10,000 folders loads
-            # while it inspects (they load only, and unload nothing, until the catalog is
-            # complete). A stop is honoured at any point of the scan.
-            tasks = [
-                asyncio.create_task(r.run(), name=f"reconcile {r.url}") for r in self.reconcilers
-            ]
-            tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+            # The reconcilers start after the first scan. Started with it, a cold start of 3,000
+            # folders took 62 s instead of 29 s: the scan's thread holds the GIL for its
+            # inspections, and the loop waits up to the switch interval after every I/O of every
+            # load (a convoy). A stop is honoured at any point of the scan.
+            tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
             scan = asyncio.create_task(self.intake.rescan(), name="first scan")
             await asyncio.wait([scan, stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             if not scan.done():
@@ -196,6 +194,10 @@ class Daemon:
                     seconds=round(time.monotonic() - started, 3),
                     status=f"http://{self.settings.status_host}:{self.status_port}",
                 )
+                tasks += [
+                    asyncio.create_task(r.run(), name=f"reconcile {r.url}")
+                    for r in self.reconcilers
+                ]
                 tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
                 tasks.append(asyncio.create_task(self.collector.run(), name="collect"))
                 self.notifier.ready(self.summary())
