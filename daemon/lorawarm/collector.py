@@ -58,17 +58,19 @@ class Collector:
     def __init__(
         self,
         store: SnapshotStore,
-        users: Mapping[str, SnapshotUser],
+        catalog: SnapshotUser,
+        servers: Mapping[str, SnapshotUser],
         metrics: Metrics,
         *,
         grace: float,
         lock: asyncio.Lock,
     ) -> None:
         self.store = store
-        self.users = users  # by name: "catalog", or a server's URL
+        self.servers = servers  # by URL
+        self.users = [catalog, *servers.values()]
         self.metrics = metrics
         self.grace = grace
-        self.held: dict[str, str] = {}  # user -> why collection waits for it
+        self.held: dict[str, str] = {}  # server URL -> why collection waits for it
         self.last_removed: list[Path] = []
         self._lock = lock  # held by the intake while it may reuse a snapshot
         self._started = time.monotonic()
@@ -88,20 +90,20 @@ class Collector:
         if time.monotonic() >= self._next:
             return True
         expired = time.time() - self.grace
-        return any(at <= expired for u in self.users.values() for at in u.released().values())
+        return any(at <= expired for u in self.users for at in u.released().values())
 
     def _holding(self) -> dict[str, str]:
         waited = time.monotonic() - self._started
         return {
             name: f"never listed: collection waits for it up to {self.grace:g} s after start"
-            for name, user in self.users.items()
+            for name, user in self.servers.items()
             if not user.listed and waited < self.grace
         }
 
     async def collect(self) -> Sequence[Path]:
         """Remove what may go now; returns what was removed."""
         self.held = self._holding()
-        for name in self.users:
+        for name in self.servers:
             self.metrics.collection_held.labels(name).set(1 if name in self.held else 0)
         if self.held:
             self._next = time.monotonic() + POLL_SECONDS  # look again soon
@@ -109,7 +111,7 @@ class Collector:
         self._next = time.monotonic() + max(self.grace, PERIODIC_SECONDS)
         now = time.time()
         keep: set[str] = set()
-        for user in self.users.values():
+        for user in self.users:
             keep |= user.snapshots_in_use()
             for path, at in user.released().items():
                 if now - at < self.grace:
@@ -125,7 +127,7 @@ class Collector:
         except OSError as err:
             log.warning("snapshot_collect_failed", error=str(err))
             return []
-        for user in self.users.values():
+        for user in self.users:
             # Past its grace and not removed: still in use elsewhere, or gone already.
             user.forget_released([p for p, at in user.released().items() if now - at >= self.grace])
         self.last_removed = list(removed)

@@ -26,7 +26,7 @@ from pathlib import Path
 import uvicorn
 
 from lorawarm.catalog import AdapterState, Catalog, adapter_state
-from lorawarm.collector import Collector, SnapshotUser
+from lorawarm.collector import Collector
 from lorawarm.intake import Intake
 from lorawarm.logs import configure, get_logger
 from lorawarm.metrics import Metrics
@@ -84,11 +84,10 @@ class Daemon:
             )
             for url in settings.vllm_urls
         ]
-        users: dict[str, SnapshotUser] = {"catalog": self.catalog}
-        users.update((r.url, r) for r in self.reconcilers)
         self.collector = Collector(
             self.store,
-            users,
+            self.catalog,
+            {r.url: r for r in self.reconcilers},
             self.metrics,
             grace=settings.snapshot_grace_seconds,
             lock=self.intake.lock,

@@ -364,10 +364,11 @@ class User:
         self.gone[path] = time.time() if at is None else at
 
 
-def collector_for(daemon: Daemon, *users: User, grace: float = 0.0) -> Collector:
-    named: dict[str, SnapshotUser] = {"catalog": daemon.catalog}
-    named.update((f"http://vllm-{i}", u) for i, u in enumerate(users))
-    return Collector(daemon.store, named, daemon.metrics, grace=grace, lock=daemon.intake.lock)
+def collector_for(daemon: Daemon, *servers: User, grace: float = 0.0) -> Collector:
+    named: dict[str, SnapshotUser] = {f"http://vllm-{i}": u for i, u in enumerate(servers)}
+    return Collector(
+        daemon.store, daemon.catalog, named, daemon.metrics, grace=grace, lock=daemon.intake.lock
+    )
 
 
 async def test_collect_waits_for_a_server_never_listed_but_not_for_ever(
