@@ -79,7 +79,6 @@ class Intake:
         self.lock = asyncio.Lock()  # held while folders are taken; the collector takes it too
         self.drop_dir_ok = True
         self.watch_problem: str | None = None  # why there are no inotify events
-        self.scans = 0  # full rescans done
         self._polling = settings.polling
         self._poll_seconds = settings.poll_seconds
         self._settler = Settler(settings.settle_seconds)
@@ -242,7 +241,6 @@ class Intake:
                 return
             for (record, fp), outcome in zip(batch, checked, strict=True):
                 await self._isolated(record.name, self._take(record, fp, outcome))
-        self.scans += 1
         self.catalog.mark_complete()
 
     async def apply(self, hints: list[Hint]) -> None:
