@@ -159,8 +159,11 @@ def run_tests(venv: Path, run_dir: Path, tests: list[str]) -> tuple[dict[str, in
 
 
 _STAMP_RE = re.compile(r"^.*?(lorawarm[^\n]*)$")
-# A frame of lorawarm's own code inside a traceback (the daemon or the plugin).
-_OUR_FRAME = re.compile(r'File "[^"]*(lorawarm_vllm|/lorawarm/)')
+# A frame of lorawarm's own code inside a traceback: a module directly inside the `lorawarm` or
+# `lorawarm_vllm` package (a checkout that is itself called lorawarm/ must not match).
+_OUR_FRAME = re.compile(r'File "[^"]*/(lorawarm|lorawarm_vllm)/[^/"]+\.py"')
+# The exception line that ends a traceback, after vLLM's "(Proc pid=N) LEVEL date [file:n] "
+_ERROR_LINE = re.compile(r"(?:^|\] )((?:[A-Za-z_][\w.]*\.)?\w*(?:Error|Exception|Exit)\b.*)$")
 
 
 def log_report(run_dir: Path) -> list[str]:
@@ -176,13 +179,16 @@ def log_report(run_dir: Path) -> list[str]:
         text = log.read_text(errors="replace").splitlines()
         for number, line in enumerate(text):
             if "Traceback (most recent call last)" in line:
-                ours = any(_OUR_FRAME.search(frame) for frame in text[number : number + 80])
-                say(f"traceback at {log}:{number + 1}{' (through lorawarm)' if ours else ''}")
+                block = text[number : number + 80]
+                ours = any(_OUR_FRAME.search(frame) for frame in block)
+                error = next((m[1] for m in map(_ERROR_LINE.search, block) if m), "?")
+                where = " (through lorawarm)" if ours else ""
+                say(f"traceback at {log}:{number + 1}{where}: {error[:160]}")
                 if ours:
                     problems.append(f"traceback through lorawarm at {log}:{number + 1}")
             # lorawarm's own lines inside vLLM: the plugin logs through "vllm.lorawarm"
             if log in vllm_logs and ("lorawarm:" in line or "lorawarm vLLM plugin" in line):
-                shown = re.sub(r"/tmp/\S+", "<path>", _STAMP_RE.sub(r"\1", line))
+                shown = re.sub(r"/tmp/[^\s)']+", "<path>", _STAMP_RE.sub(r"\1", line))
                 lines[shown] = lines.get(shown, 0) + 1
     say(f"{len(vllm_logs)} vLLM logs in {run_dir}; lorawarm's lines in them:")
     for shown, count in sorted(lines.items()):
