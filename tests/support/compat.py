@@ -29,6 +29,7 @@ import time
 import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LOCK = "/tmp/lorawarm-vllm.lock"
@@ -87,19 +88,23 @@ def generation_tools() -> list[str]:
 def check_plan(pip: str, requirements: list[str], report: Path) -> str:
     """Resolve without installing; return the torch version, or refuse a CUDA torch."""
     run([pip, "install", "--dry-run", "--progress-bar=off", f"--report={report}", *requirements])
+    return judge_plan(json.loads(report.read_text()), requirements[0])
+
+
+def judge_plan(report: dict[str, Any], what: str) -> str:
+    """The torch version of a `pip install --report` plan; CompatError unless it is CPU-only."""
     plan = {
-        item["metadata"]["name"].lower(): item["metadata"]["version"]
-        for item in json.loads(report.read_text())["install"]
+        item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]
     }
     torch = plan.get("torch")
     # triton is no CUDA build (xgrammar requires it; the pinned release brings it as well)
     cuda = sorted(name for name in plan if name.startswith(("nvidia-", "cuda-")))
     if torch is None or not torch.endswith("+cpu") or cuda:
         raise CompatError(
-            f"installing {requirements[0]} would bring torch {torch} and {cuda or 'no'} CUDA "
+            f"installing {what} would bring torch {torch} and {cuda or 'no'} CUDA "
             "packages, not a +cpu torch: not installed"
         )
-    return torch
+    return str(torch)
 
 
 def build_venv(version: str, venv: Path) -> None:
