@@ -75,6 +75,7 @@ class Collector:
         self._lock = lock  # held by the intake while it may reuse a snapshot
         self._started = time.monotonic()
         self._next = 0.0  # monotonic time of the next periodic run
+        self._first = True
 
     async def run(self) -> None:
         """Collect whenever due; runs until cancelled."""
@@ -131,7 +132,8 @@ class Collector:
             # Past its grace and not removed: still in use elsewhere, or gone already.
             user.forget_released([p for p, at in user.released().items() if now - at >= self.grace])
         self.last_removed = list(removed)
-        if removed:
+        first, self._first = self._first, False
+        if removed or first:  # the start-up one is reported even when nothing went
             log.info(
                 "snapshots_collected",
                 removed=[str(p) for p in removed][:20],

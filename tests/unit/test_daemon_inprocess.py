@@ -425,8 +425,9 @@ async def test_collect_removes_old_unreferenced_snapshots(
     shutil.rmtree(cache / "org")
     await daemon.intake.refresh("org/b")
     server = User(using={str(second.path)})  # the server still serves the previous one
+    collector = collector_for(daemon, server)
     with capture_logs() as logs:
-        removed = await collector_for(daemon, server).collect()
+        removed = await collector.collect()
     collected = [e for e in logs if e["event"] == "snapshots_collected"]
     assert [e["count"] for e in collected] == [2]  # told once, with what went
     assert sorted(map(str, removed)) == sorted([str(first.path), str(b.path)])
@@ -436,7 +437,7 @@ async def test_collect_removes_old_unreferenced_snapshots(
     assert not b.path.exists()
     assert not (state / "snapshots" / "org").exists()  # empty name folders go too
     with capture_logs() as logs:
-        assert await collector_for(daemon, server).collect() == []
+        assert await collector.collect() == []
     assert [e for e in logs if e["event"] == "snapshots_collected"] == []  # nothing: no line
 
 
