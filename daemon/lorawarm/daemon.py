@@ -274,7 +274,9 @@ def lock_state_dir(state_dir: Path) -> int | None:
     process (or 0) when another daemon holds it. Two daemons on one state dir would collect
     each other's snapshots."""
     path = state_dir / "lorawarm.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    # Held through a read-only descriptor: a file open for writing would keep the state dir's
+    # filesystem from being remounted read-only (the daemon must survive that, not prevent it).
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -287,8 +289,8 @@ def lock_state_dir(state_dir: Path) -> int | None:
             holder = 0
         os.close(fd)
         return holder
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # the pid is for the message only
+        path.write_text(f"{os.getpid()}\n")
     return None
 
 

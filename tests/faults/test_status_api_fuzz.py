@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import urllib.parse
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +17,13 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from lorawarm.catalog import AdapterRecord, Catalog, ServerAdapter, ServerState
+from lorawarm.inspection import Reason
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
 from lorawarm.settings import Settings, load
-from lorawarm.snapshot import Snapshot
+from lorawarm.snapshot import Snapshot, SnapshotReason
 from lorawarm.status import create_app
+from lorawarm.vllm_client import Condition
 from tests.support.daemon_proc import LorawarmProcess
 
 S1, S2 = "http://vllm-1:8000", "http://vllm-2:8000"
@@ -32,25 +33,37 @@ T0 = 1_790_000_000.0
 
 
 @dataclass
+class Server:
+    """One server as the status API reads it: its status and each adapter's outcome there."""
+
+    status: ServerStatus
+    outcomes: dict[str, ServerAdapter] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.status.url
+
+    def outcome(self, record: AdapterRecord) -> ServerAdapter | None:
+        if record.snapshot is None:
+            return None
+        return self.outcomes.get(record.name, ServerAdapter())
+
+
+@dataclass
 class Source:
-    """A StatusSource with the daemon's real catalog, metrics and server statuses."""
+    """A StatusSource with the daemon's real catalog and metrics, and two servers."""
 
     catalog: Catalog
     metrics: Metrics = field(default_factory=Metrics)
     is_ready: bool = True
     drop_dir_ok: bool = True
-    statuses: list[ServerStatus] = field(default_factory=list)
+    watch_problem: str | None = None
+    servers: list[Server] = field(default_factory=list)
+    collection_held: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return self.is_ready
-
-    @property
-    def server_urls(self) -> list[str]:
-        return [S1, S2]
-
-    def server_statuses(self) -> Sequence[ServerStatus]:
-        return self.statuses
 
 
 def record(name: str, **kwargs: object) -> AdapterRecord:
@@ -70,22 +83,53 @@ def populated(*, ready: bool = True) -> Source:
     """Adapters in every state, hostile names among them, and two servers."""
     cat = Catalog(pinned=["loaded"], warm_limit=3)
     loaded = ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 2)
-    cat.add(record("loaded", snapshot=snap("loaded"), servers={S1: loaded, S2: loaded}))
+    failed = ServerAdapter(
+        ServerState.FAILED, 3, "Call to add_lora method failed", Condition.REJECTED
+    )
+    cold = ServerAdapter(ServerState.COLD)
+    cat.add(record("loaded", snapshot=snap("loaded")))
     cat.add(record("org/pending", snapshot=snap("org/pending")))
     cat.add(record("copying", settling=True, validated_at=None))
-    cat.add(record("bad", reason="rank_too_large", message="rank 64 is above 16"))
-    cat.add(record("full", validated_at=None, reason="snapshot_failed", message="No space left"))
-    failed = ServerAdapter(ServerState.FAILED, 3, "Call to add_lora method failed", "rejected")
-    cat.add(record("broken", snapshot=snap("broken"), servers={S1: failed, S2: loaded}))
-    cold = ServerAdapter(ServerState.COLD)
-    cat.add(record("chilly", snapshot=snap("chilly"), servers={S1: cold, S2: cold}))
+    cat.add(record("bad", reason=Reason.RANK_TOO_LARGE, message="rank 64 is above 16"))
+    cat.add(
+        record(
+            "full",
+            validated_at=None,
+            reason=SnapshotReason.SNAPSHOT_FAILED,
+            message="No space left",
+        )
+    )
+    cat.add(record("broken", snapshot=snap("broken")))
+    cat.add(record("chilly", snapshot=snap("chilly")))
+    cat.add(
+        record(
+            "stale",
+            snapshot=snap("stale"),
+            reason=Reason.WEIGHTS_TRUNCATED,
+            message="the copy stalled",
+        )
+    )
     for hostile in ("new\nline", "\u0455upport", os.fsdecode(b"bad-\xff-utf8"), "x" * 255):
-        cat.add(record(hostile, reason="invalid_name", message=f"{hostile!a} is no name"))
-    statuses = [
-        ServerStatus(url=S1, condition="ok", healthy=True, since=T0, last_sync=T0 + 9, loaded=2),
-        ServerStatus(url=S2, condition="unreachable", message="Connection refused", since=T0),
-    ]
-    return Source(catalog=cat, is_ready=ready, statuses=statuses)
+        cat.add(record(hostile, reason=Reason.INVALID_NAME, message=f"{hostile!a} is no name"))
+    first = Server(
+        ServerStatus(
+            url=S1, condition=Condition.OK, healthy=True, since=T0, last_sync=T0 + 9, loaded=2
+        ),
+        {"loaded": loaded, "broken": failed, "chilly": cold, "stale": loaded},
+    )
+    second = Server(
+        ServerStatus(
+            url=S2, condition=Condition.UNREACHABLE, message="Connection refused", since=T0
+        ),
+        {"loaded": loaded, "broken": loaded, "chilly": cold},
+    )
+    return Source(
+        catalog=cat,
+        is_ready=ready,
+        servers=[first, second],
+        watch_problem=None,
+        collection_held={S2: "never listed"},
+    )
 
 
 FUZZ = settings(
