@@ -1,4 +1,4 @@
-"""Generators for a tiny random Llama model and real PEFT LoRA adapters for it.
+"""Generators for tiny random models (Llama, Mistral, Qwen2) and real PEFT LoRA adapters for them.
 
 Nothing here downloads anything: the tokenizer is trained on a few sentences in well under a
 second, the model has random weights (fixed seed), and adapters come from ``peft`` itself, so
@@ -101,8 +101,17 @@ def make_large_model(dest: Path) -> Path:
     return make_model(dest, LARGE_DIMS)
 
 
-def make_model(dest: Path, dims: Mapping[str, int]) -> Path:
-    """Write a random Llama of shape ``dims`` with its own byte-level BPE tokenizer to ``dest``.
+#: Architectures :func:`make_model` can write: name -> (config class, model class) in transformers.
+ARCHITECTURES: Mapping[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def make_model(dest: Path, dims: Mapping[str, int], *, architecture: str = "llama") -> Path:
+    """Write a random model of ``architecture`` (a key of :data:`ARCHITECTURES`) and shape
+    ``dims`` with its own byte-level BPE tokenizer to ``dest``.
 
     Returns ``dest``.
 
@@ -141,7 +150,8 @@ def make_model(dest: Path, dims: Mapping[str, int]) -> Path:
             model_max_length=512,
         )
 
-        config = transformers.LlamaConfig(
+        config_cls, model_cls = ARCHITECTURES[architecture]
+        config = getattr(transformers, config_cls)(
             **dims,
             vocab_size=len(tokenizer),
             max_position_embeddings=512,
@@ -152,7 +162,7 @@ def make_model(dest: Path, dims: Mapping[str, int]) -> Path:
         )
         with torch.random.fork_rng():
             torch.manual_seed(_MODEL_SEED)
-            model = transformers.LlamaForCausalLM(config)
+            model = getattr(transformers, model_cls)(config)
             # The default init (std 0.02) gives near-uniform logits; larger weights make greedy
             # outputs and LoRA effects clearly visible.
             with torch.no_grad():
@@ -185,7 +195,7 @@ def make_model(dest: Path, dims: Mapping[str, int]) -> Path:
 def _load_base(base_model: str) -> Any:
     """Load the base model once per process; adapters are made from fresh PEFT wrappers of it."""
     with _quiet():
-        return _lib("transformers").LlamaForCausalLM.from_pretrained(base_model)
+        return _lib("transformers").AutoModelForCausalLM.from_pretrained(base_model)
 
 
 def make_adapter(
