@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
+    BaseModel,
+    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -30,6 +33,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from lorawarm.fit import FitPolicy
 from lorawarm.inspection import DEFAULT_MAX_ADAPTER_BYTES, Rules
 from lorawarm.names import BadName, check_name
 
@@ -50,6 +54,52 @@ def _default_state_dir() -> Path:
 
 
 CommaList = Annotated[list[str], NoDecode]
+
+DEFAULT_VLLM_URL = "http://127.0.0.1:8000"
+
+
+def _check_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest.strip("/"):
+        raise ValueError(f"{url!r} is not an http(s) URL such as {DEFAULT_VLLM_URL}")
+    return url.rstrip("/")
+
+
+class ServerEntry(BaseModel):
+    """One `[[servers]]` table of the config file: a vLLM server and what differs for it.
+
+    Everything but `url` is an override: unset, the server's own flags (learned from it) and
+    the global settings apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="The server's base URL.")
+    api_key: SecretStr | None = Field(default=None, description="Its --api-key.")
+    warm_limit: int | None = Field(default=None, ge=1, description="Adapters kept loaded there.")
+    max_lora_rank: int | None = Field(
+        default=None, ge=1, le=1024, description="Largest rank sent there."
+    )
+    base_model: str | None = Field(
+        default=None, description="The base model adapters for it must name (enforced)."
+    )
+    base_model_aliases: list[str] = Field(
+        default=[], description="Further accepted names of its base model."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        return _check_url(url)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the daemon is told about one server: settings and its `[[servers]]` entry merged."""
+
+    url: str
+    api_key: str | None
+    warm_limit: int | None
+    policy: FitPolicy
 
 
 def _env(*names: str) -> AliasChoices:
@@ -79,8 +129,15 @@ class Settings(BaseSettings):
         "to systemd's STATE_DIRECTORY, then $XDG_STATE_HOME/lorawarm.",
     )
     vllm_urls: CommaList = Field(
-        default=["http://127.0.0.1:8000"],
-        description="Base URLs of the vLLM servers to warm (comma-separated).",
+        default=[],
+        description="Base URLs of the vLLM servers to warm (comma-separated); with neither "
+        "these nor `[[servers]]` entries, http://127.0.0.1:8000.",
+    )
+    servers: list[ServerEntry] = Field(
+        default=[],
+        description="Config file `[[servers]]` tables: `url` and any of `api_key`, "
+        "`warm_limit`, `max_lora_rank`, `base_model`, `base_model_aliases` for that server "
+        "only (JSON in the environment).",
     )
     vllm_api_key: SecretStr | None = Field(
         default=None,
@@ -227,17 +284,18 @@ class Settings(BaseSettings):
     @field_validator("vllm_urls")
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
-        if not urls:
-            raise ValueError("at least one vLLM URL is needed")
-        checked = []
-        for url in urls:
-            scheme, sep, rest = url.partition("://")
-            if not sep or scheme not in ("http", "https") or not rest.strip("/"):
-                raise ValueError(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8000")
-            checked.append(url.rstrip("/"))
+        checked = [_check_url(url) for url in urls]
         if len(set(checked)) != len(checked):
             raise ValueError("the same vLLM URL is listed twice")
         return checked
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, servers: list[ServerEntry]) -> list[ServerEntry]:
+        urls = [s.url for s in servers]
+        if len(set(urls)) != len(urls):
+            raise ValueError("the same vLLM URL has two [[servers]] entries")
+        return servers
 
     @field_validator("pinned")
     @classmethod
@@ -280,6 +338,32 @@ class Settings(BaseSettings):
         if field == "state_dir" and os.environ.get("STATE_DIRECTORY"):
             return "STATE_DIRECTORY (state_dir)"
         return f"{env_name(field)} ({field})"
+
+    def server_configs(self) -> list[ServerConfig]:
+        """Every server to warm: the `[[servers]]` entries, then `vllm_urls` not among them
+        (or the default URL when neither names one), each with its overrides merged over
+        the global settings."""
+        entries = {s.url: s for s in self.servers}
+        for url in self.vllm_urls or ([] if entries else [DEFAULT_VLLM_URL]):
+            entries.setdefault(url, ServerEntry(url=url))
+
+        def secret(value: SecretStr | None) -> str | None:
+            return None if value is None else value.get_secret_value()
+
+        return [
+            ServerConfig(
+                url=e.url,
+                api_key=secret(e.api_key) or secret(self.vllm_api_key),
+                warm_limit=e.warm_limit if e.warm_limit is not None else self.warm_limit,
+                policy=FitPolicy(
+                    base_model=e.base_model or self.base_model,
+                    base_model_aliases=(*e.base_model_aliases, *self.base_model_aliases),
+                    max_lora_rank=e.max_lora_rank or self.max_lora_rank,
+                    served_model_names=tuple(self.served_model_names),
+                ),
+            )
+            for e in entries.values()
+        ]
 
     def rules(self) -> Rules:
         """The inspection rules these settings imply."""
@@ -359,6 +443,8 @@ def _describe(err: ValidationError, where: dict[str, str]) -> str:
         what = where.get(field, f"{env_name(field)} ({field})")
     else:
         what = "settings"
+    if field in Settings.model_fields and len(loc) > 1:  # inside a table: servers[1].url
+        what += "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = (

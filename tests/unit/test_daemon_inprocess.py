@@ -86,7 +86,7 @@ async def test_published_valid_adapter_gets_a_snapshot(
     assert sorted(p.name for p in snap.path.iterdir()) == [CONFIG, SAFETENSORS]
     assert (snap.path / SAFETENSORS).read_bytes() == (cache / "a" / SAFETENSORS).read_bytes()
     assert daemon.states()[record.name] is AdapterState.PENDING
-    assert daemon.catalog.desired() == [("a", str(snap.path))]
+    assert daemon.reconcilers[0].desired() == [("a", str(snap.path))]
     assert daemon.catalog.warm_version > 0  # what the reconcilers wait on moved
     assert (
         daemon.metrics.registry.get_sample_value("lorawarm_inspections_total", {"verdict": "valid"})
@@ -106,7 +106,7 @@ async def test_in_place_copy_settles_then_is_taken_by_the_timer_hint(
     assert record is not None
     assert record.settling
     assert daemon.states()[record.name] is AdapterState.SETTLING
-    assert daemon.catalog.desired() == []
+    assert daemon.reconcilers[0].desired() == []
     hints = await asyncio.wait_for(daemon.intake.hints.get(), timeout=3)
     assert hints == [Hint(("a",))]
     await daemon.intake.apply(hints)
@@ -137,7 +137,7 @@ async def test_invalid_adapter_records_the_reason(make_daemon: MakeDaemon, cache
     assert record.message
     assert record.snapshot is None
     assert daemon.states()[record.name] is AdapterState.INVALID
-    assert daemon.catalog.desired() == []
+    assert daemon.reconcilers[0].desired() == []
 
 
 async def test_fixed_invalid_adapter_becomes_valid(make_daemon: MakeDaemon, cache: Path) -> None:
@@ -180,7 +180,7 @@ async def test_modified_adapter_gets_a_new_snapshot(make_daemon: MakeDaemon, cac
     assert new.path != old.path
     assert new.digest != old.digest
     assert old.path.is_dir()
-    assert daemon.catalog.desired() == [("a", str(new.path))]
+    assert daemon.reconcilers[0].desired() == [("a", str(new.path))]
 
 
 async def test_unchanged_adapter_is_not_inspected_again(

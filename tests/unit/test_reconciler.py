@@ -162,7 +162,7 @@ class Adapters:
             source_path=self.drop / name,
             settling=False,
             snapshot=self.snapshot(name, seed),
-            newest_mtime=mtime,
+            seen_at=mtime,
             validated_at=time.time(),
         )
 
@@ -170,11 +170,10 @@ class Adapters:
         self,
         *names: str,
         pinned: tuple[str, ...] = (),
-        warm_limit: int | None = None,
         complete: bool = True,
     ) -> Catalog:
         """Records for `names`, the first newest (so the warm order is `names` after pins)."""
-        cat = Catalog(pinned=list(pinned), warm_limit=warm_limit, complete=complete)
+        cat = Catalog(pinned=list(pinned), complete=complete)
         for i, name in enumerate(names):
             cat.add(self.record(name, mtime=1000.0 - i))
         return cat
@@ -202,6 +201,7 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
         max_backoff: float = 0.2,
         resync: float = 30.0,
         health: float = 0.02,
+        warm_limit: int | None = None,
     ) -> ServerReconciler:
         client = VllmClient(URL, api_key=api_key, transport=fake.transport(), timeout=1.0)
         clients.append(client)
@@ -213,6 +213,7 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
             resync_seconds=resync,
             health_seconds=health,
             max_backoff=max_backoff,
+            warm_limit=warm_limit,
         )
 
     yield _make
@@ -359,9 +360,9 @@ async def test_adapters_beyond_the_warm_limit_stay_cold(
     adapters: Adapters, make: MakeReconciler
 ) -> None:
     """With warm_limit 1 only the newest is loaded; the other is cold, not pending."""
-    cat = adapters.catalog("new", "old", warm_limit=1)
+    cat = adapters.catalog("new", "old")
     fake = FakeVllm()
-    rec = make(fake, cat)
+    rec = make(fake, cat, warm_limit=1)
     await rec.sync()
     assert fake.ops() == [("load", "new", path(cat, "new"))]
     assert entry_state(rec, cat, "old") == (ServerState.COLD, None)
@@ -372,9 +373,9 @@ async def test_pushed_out_of_the_warm_set_is_unloaded(
     adapters: Adapters, make: MakeReconciler
 ) -> None:
     """A newer adapter that pushes an old one out of the limit: the old one is unloaded first."""
-    cat = adapters.catalog("a", "b", warm_limit=2)
+    cat = adapters.catalog("a", "b")
     fake = FakeVllm()
-    rec = make(fake, cat)
+    rec = make(fake, cat, warm_limit=2)
     await rec.sync()
     cat.add(adapters.record("c", mtime=5000.0))
     fake.calls.clear()
@@ -427,9 +428,9 @@ async def test_with_a_warm_limit_nothing_moves_before_the_first_scan_is_done(
 ) -> None:
     """With a warm limit the order is not known until every folder was seen: nothing is
     loaded that the rest of the scan might push out again."""
-    cat = adapters.catalog("a", "b", warm_limit=1, complete=False)
+    cat = adapters.catalog("a", "b", complete=False)
     fake = FakeVllm()
-    rec = make(fake, cat)
+    rec = make(fake, cat, warm_limit=1)
     await rec.sync()
     assert fake.ops() == []
     cat.mark_complete()
@@ -448,7 +449,9 @@ async def test_replaced_adapter_is_unloaded_before_the_new_path_loads(
     old = path(cat, "a")
     record = cat.get("a")
     assert record is not None
-    cat.set_snapshot(record, adapters.snapshot("a", seed=7), newest_mtime=record.newest_mtime)
+    cat.set_snapshot(
+        record, adapters.snapshot("a", seed=7), adapter=record.adapter, seen_at=record.seen_at
+    )
     new = path(cat, "a")
     assert new != old
     fake.calls.clear()
@@ -553,7 +556,7 @@ async def test_adapter_named_like_the_base_model_is_a_conflict(
 ) -> None:
     """An adapter folder named like the served base model is never sent to vLLM."""
     fake = FakeVllm()
-    cat = Catalog(pinned=[], warm_limit=None)
+    cat = Catalog(pinned=[])
     cat.add(adapters.record(fake.served_model_name, mtime=1.0))
     rec = make(fake, cat)
     await rec.sync()
@@ -668,7 +671,9 @@ async def test_a_new_snapshot_of_a_rejected_adapter_is_tried_at_once(
     fake.accept("a")
     record = cat.get("a")
     assert record is not None
-    cat.set_snapshot(record, adapters.snapshot("a", seed=9), newest_mtime=record.newest_mtime)
+    cat.set_snapshot(
+        record, adapters.snapshot("a", seed=9), adapter=record.adapter, seen_at=record.seen_at
+    )
     await rec.sync()
     assert fake.registry == {"a": path(cat, "a")}
 
@@ -1016,7 +1021,9 @@ async def test_snapshots_in_use_and_released_for_the_collector(
     assert rec.released() == {}
     record = cat.get("a")
     assert record is not None
-    cat.set_snapshot(record, adapters.snapshot("a", seed=4), newest_mtime=record.newest_mtime)
+    cat.set_snapshot(
+        record, adapters.snapshot("a", seed=4), adapter=record.adapter, seen_at=record.seen_at
+    )
     before = time.time()
     await rec.sync()
     new = path(cat, "a")
@@ -1038,7 +1045,7 @@ async def test_a_snapshot_replaced_during_its_own_load_is_released_at_the_unload
     old = path(cat, "a")
     newer = adapters.snapshot("a", seed=4)
     fake = FakeVllm()
-    fake.fail("load", before=lambda: cat.set_snapshot(record, newer, newest_mtime=1.0))
+    fake.fail("load", before=lambda: cat.set_snapshot(record, newer, seen_at=1.0))
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == [("load", "a", old), ("unload", "a", None), ("load", "a", str(newer.path))]

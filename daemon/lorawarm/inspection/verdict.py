@@ -54,6 +54,8 @@ class Reason(StrEnum):
     INIT_NOT_SUPPORTED = "init_not_supported"
     MODULES_TO_SAVE_NOT_SUPPORTED = "modules_to_save_not_supported"
     BASE_MODEL_MISMATCH = "base_model_mismatch"
+    TARGET_MODULES_NOT_SUPPORTED = "target_modules_not_supported"
+    SHAPE_MISMATCH = "shape_mismatch"
     MISSING_WEIGHTS = "missing_weights"
     PICKLE_NOT_ALLOWED = "pickle_not_allowed"
     WEIGHTS_EMPTY = "weights_empty"
