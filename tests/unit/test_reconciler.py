@@ -9,9 +9,10 @@ answers recorded from a real vLLM 0.32 (tests/support/vllm_responses.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -28,8 +29,9 @@ from lorawarm.catalog import (
 from lorawarm.inspection import Reason, Rules, Valid, inspect_adapter
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerReconciler
+from lorawarm.server_facts import LearnedFrom, ServerFacts
 from lorawarm.snapshot import Snapshot, SnapshotStore
-from lorawarm.vllm_client import Condition, VllmClient
+from lorawarm.vllm_client import Condition, ModelEntry, VllmClient
 from tests.support import vllm_responses as recorded
 from tests.support.fake_vllm import ROUTES, FakeVllm
 from tests.unit.adapters import write_adapter
@@ -151,17 +153,22 @@ class Adapters:
         self.store = store
 
     def snapshot(self, name: str, seed: int = 0) -> Snapshot:
-        folder = write_adapter(self.drop / name, seed=seed)
+        return self.store.create(self.verdict(name, seed), RULES)
+
+    def verdict(self, name: str, seed: int = 0, r: int = 8) -> Valid:
+        folder = write_adapter(self.drop / name, seed=seed, r=r)
         result = inspect_adapter(folder, root=self.drop, rules=RULES, name=name)
         assert isinstance(result, Valid), result
-        return self.store.create(result, RULES)
+        return result
 
-    def record(self, name: str, *, mtime: float, seed: int = 0) -> AdapterRecord:
+    def record(self, name: str, *, mtime: float, seed: int = 0, r: int = 8) -> AdapterRecord:
+        verdict = self.verdict(name, seed, r)
         return AdapterRecord(
             name=name,
             source_path=self.drop / name,
             settling=False,
-            snapshot=self.snapshot(name, seed),
+            snapshot=self.store.create(verdict, RULES),
+            adapter=verdict,
             seen_at=mtime,
             validated_at=time.time(),
         )
@@ -189,6 +196,19 @@ def adapters(tmp_path: Path) -> Adapters:
 MakeReconciler = Callable[..., ServerReconciler]
 
 
+def learned(
+    *facts: ServerFacts,
+) -> Callable[[VllmClient, Sequence[ModelEntry]], Awaitable[ServerFacts]]:
+    """A learner that answers `facts` in turn (the last one from then on), as the server's
+    lorawarm endpoint would."""
+    answers = list(facts)
+
+    async def learn(client: VllmClient, models: Sequence[ModelEntry]) -> ServerFacts:
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    return learn
+
+
 @pytest.fixture
 async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
     clients: list[VllmClient] = []
@@ -202,6 +222,7 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
         resync: float = 30.0,
         health: float = 0.02,
         warm_limit: int | None = None,
+        facts: ServerFacts | None = None,
     ) -> ServerReconciler:
         client = VllmClient(URL, api_key=api_key, transport=fake.transport(), timeout=1.0)
         clients.append(client)
@@ -214,6 +235,7 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
             health_seconds=health,
             max_backoff=max_backoff,
             warm_limit=warm_limit,
+            **({} if facts is None else {"learner": learned(facts)}),
         )
 
     yield _make
@@ -554,14 +576,16 @@ async def test_name_taken_by_a_foreign_adapter_is_a_conflict(
 async def test_adapter_named_like_the_base_model_is_a_conflict(
     adapters: Adapters, make: MakeReconciler
 ) -> None:
-    """An adapter folder named like the served base model is never sent to vLLM."""
+    """An adapter folder named like the served base model (learned from /v1/models, not
+    configured) is incompatible there and never sent to vLLM."""
     fake = FakeVllm()
     cat = Catalog(pinned=[])
     cat.add(adapters.record(fake.served_model_name, mtime=1.0))
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == []
-    assert entry_state(rec, cat, fake.served_model_name) == (ServerState.FAILED, "name_taken")
+    entry = outcome(rec, cat, fake.served_model_name)
+    assert (entry.state, entry.reason) == (ServerState.INCOMPATIBLE, Reason.NAME_IS_BASE_MODEL)
 
 
 # --- "already been loaded" --------------------------------------------------------------------
@@ -1278,3 +1302,89 @@ async def test_a_load_is_in_flight_until_the_next_listing(
     assert server_state(rec, cat, "a") is ServerState.LOADED
     await rec.sync()
     assert rec.loading is None
+
+
+# --- what fits this server, and what its memory keeps -----------------------------------------
+
+TINY = ServerFacts(
+    learned_from=(LearnedFrom.PLUGIN,),
+    model="/models/tiny-llama",
+    served_model_names=("tiny-llama",),
+    max_lora_rank=8,
+    max_loras=2,
+    max_cpu_loras=2,
+    resolver=True,
+    resident=frozenset(),
+)
+
+
+async def test_an_adapter_the_server_cannot_take_is_never_sent(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """Judged against what the server serves (its --max-lora-rank here), a rank-16 adapter is
+    incompatible there and never sent; the rank-8 one loads."""
+    cat = Catalog(pinned=[])
+    cat.add(adapters.record("big", mtime=2.0, r=16))
+    cat.add(adapters.record("small", mtime=1.0))
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=dataclasses.replace(TINY, resolver=False))
+    await rec.sync()
+    assert fake.ops() == [("load", "small", path(cat, "small"))]
+    big = outcome(rec, cat, "big")
+    assert (big.state, big.reason) == (ServerState.INCOMPATIBLE, Reason.RANK_TOO_LARGE)
+    assert overall(rec, cat, "big") is AdapterState.INCOMPATIBLE
+
+
+async def test_with_the_resolver_on_only_what_the_engine_keeps_is_loaded(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """Where lorawarm's resolver serves the rest, the warm set is the engine's CPU cache
+    (max_cpu_loras): the newest two are loaded, the others cold; without the resolver every
+    adapter stays loaded (it could not be requested otherwise)."""
+    cat = adapters.catalog("d", "c", "b", "a")
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=TINY)
+    await rec.sync()
+    assert fake.ops() == [("load", "d", path(cat, "d")), ("load", "c", path(cat, "c"))]
+    assert rec.effective_warm_limit == 2
+    assert entry_state(rec, cat, "a") == (ServerState.COLD, None)
+    other = make(FakeVllm(), cat, facts=dataclasses.replace(TINY, resolver=False))
+    await other.sync()
+    assert set(other.actual) == {"a", "b", "c", "d"}
+    assert other.effective_warm_limit is None
+    assert make(FakeVllm(), cat, facts=TINY, warm_limit=3).effective_warm_limit == 3
+
+
+async def test_a_requested_adapter_joins_the_warm_set_without_churn(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """An adapter the resolver loaded on request (listed, not loaded by lorawarm) is kept, and
+    the least wanted one makes room; later syncs change nothing, so repeated requests to it
+    cost no load and no unload."""
+    cat = adapters.catalog("d", "c", "b", "a")
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=TINY)
+    await rec.sync()
+    fake.registry["a"] = path(cat, "a")  # a request made the resolver load it
+    fake.calls.clear()
+    await rec.sync()
+    assert fake.ops() == [("unload", "c", None)]
+    assert set(fake.registry) == {"a", "d"}
+    assert entry_state(rec, cat, "a") == (ServerState.LOADED, None)
+    fake.calls.clear()
+    for _ in range(3):
+        await rec.sync()
+    assert fake.ops() == []
+
+
+async def test_resident_says_what_the_engine_holds(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """Each adapter's entry says whether the engine holds it in memory, as the server's
+    endpoint reports; unknown (None) before anything was learned."""
+    cat = adapters.catalog("b", "a")
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=dataclasses.replace(TINY, resident=frozenset({"b"})))
+    assert outcome(rec, cat, "a").resident is None
+    await rec.sync()
+    assert (outcome(rec, cat, "a").resident, outcome(rec, cat, "b").resident) == (False, True)
