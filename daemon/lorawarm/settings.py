@@ -152,18 +152,20 @@ class Settings(BaseSettings):
     )
     base_model: str | None = Field(
         default=None,
-        description="The base model adapters must be trained for (vLLM's --model); unset: "
-        "not checked.",
+        description="Enforce this base model: an adapter whose base_model_name_or_path names "
+        "neither it, an alias nor the server's model is refused (base_model_mismatch). Unset: "
+        "each server's --model is learned, and an adapter naming another model is served when "
+        "its modules and shapes fit that server, with a base_model_differs warning.",
     )
     base_model_aliases: CommaList = Field(
         default=[],
-        description="Other names of the same base model accepted in base_model_name_or_path "
-        "(comma-separated).",
+        description="Other names of the base model accepted in base_model_name_or_path "
+        "without a base_model_differs warning, and with base_model set (comma-separated).",
     )
     served_model_names: CommaList = Field(
         default=[],
-        description="vLLM's --served-model-name values: no adapter may take one of these names "
-        "(comma-separated).",
+        description="Further names no adapter may take (comma-separated); each server's own "
+        "served names are learned from it.",
     )
     max_adapter_bytes: int = Field(
         default=DEFAULT_MAX_ADAPTER_BYTES,
@@ -195,8 +197,10 @@ class Settings(BaseSettings):
     warm_limit: int | None = Field(
         default=None,
         ge=1,
-        description="How many adapters to keep loaded per server (pinned first, then newest); "
-        "unset: all valid adapters.",
+        description="How many adapters to keep loaded per server (pinned first, then the most "
+        "recently requested there, then the newest). Unset: what the server's engine keeps in "
+        "memory (--max-cpu-loras) where lorawarm's resolver serves the rest on demand, else "
+        "every adapter that fits the server.",
     )
     pinned: CommaList = Field(
         default=[],
