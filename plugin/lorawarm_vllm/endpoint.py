@@ -108,7 +108,7 @@ class LorawarmEndpoint:
         self._engine = engine_client
         self._state = state
         try:
-            self.static = await self._learn(engine_client, args)
+            self.static = await self._learn(engine_client, state, args)
         except Exception as err:  # noqa: BLE001 - vLLM must start regardless
             self._once("init", "lorawarm: the server facts endpoint could not learn: %r", err)
             self.static = ServerFacts(learned_from=(LearnedFrom.PLUGIN,))
@@ -122,10 +122,12 @@ class LorawarmEndpoint:
 
     # ------------------------------------------------------------------ learning
 
-    async def _learn(self, engine: Any, args: Namespace) -> ServerFacts:
+    async def _learn(self, engine: Any, state: Any, args: Namespace) -> ServerFacts:
         model = self._guard("model", lambda: _str(getattr(args, "model", None)))
         served = self._guard("served_model_names", lambda: _served_names(args)) or ()
-        config = None if engine is None else self._guard("vllm_config", lambda: engine.vllm_config)
+        # vLLM puts its config into the app state on API and render servers alike (a bare State,
+        # as run_batch builds, has none; the engine has it then).
+        config = self._guard("vllm_config", lambda: _vllm_config(engine, state))
         lora = None if config is None else config.lora_config
         hf_text = self._guard("hf_config", lambda: _text_config(config)) if config else None
         worker = await self._guard_async("lora_modules", lambda: self._worker_facts(engine, lora))
@@ -207,6 +209,13 @@ class LorawarmEndpoint:
             return
         self._failed.add(key)
         _log.warning(message, *args)
+
+
+def _vllm_config(engine: Any, state: Any) -> Any:
+    config = getattr(state, "vllm_config", None)
+    if config is None and engine is not None:
+        config = engine.vllm_config
+    return config
 
 
 def _str(value: object) -> str | None:
