@@ -87,11 +87,12 @@ class Settings(BaseSettings):
         validation_alias=_env("LORAWARM_VLLM_API_KEY", "VLLM_API_KEY"),
         description="API key of the vLLM servers (their --api-key). Falls back to VLLM_API_KEY.",
     )
-    max_lora_rank: int = Field(
-        default=16,
+    max_lora_rank: int | None = Field(
+        default=None,
         ge=1,
         le=1024,
-        description="Largest LoRA rank accepted (vLLM's --max-lora-rank).",
+        description="Largest LoRA rank accepted, overriding each server's --max-lora-rank; "
+        "unset: each server's own limit where it is learned, else not checked before loading.",
     )
     base_model: str | None = Field(
         default=None,
@@ -210,7 +211,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "warm_limit", "cache_dir", "base_model", "vllm_api_key", "status_token", mode="before"
+        "warm_limit",
+        "cache_dir",
+        "base_model",
+        "vllm_api_key",
+        "status_token",
+        "max_lora_rank",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

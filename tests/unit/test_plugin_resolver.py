@@ -217,7 +217,6 @@ INVALID: dict[str, tuple[Reason, Callable[[Path], Path]]] = {
         Reason.MODULES_TO_SAVE_NOT_SUPPORTED,
         broken(config={"modules_to_save": ["lm_head"]}),
     ),
-    "other_base_model": (Reason.BASE_MODEL_MISMATCH, broken(base_model="/models/other")),
     "no_weights": (Reason.MISSING_WEIGHTS, broken(weights=None)),
     "empty_weights": (Reason.WEIGHTS_EMPTY, broken(weights_bytes=b"")),
     "tensors_of_other_rank": (Reason.WEIGHTS_RANK_MISMATCH, broken(tensor_rank=4)),
@@ -391,15 +390,22 @@ async def test_hostile_name_resolves_to_nothing(
 # ------------------------------------------------------------------------------ base models
 
 
-async def test_model_flag_is_accepted_without_configured_base_model(
-    resolver: LorawarmResolver, cache: Path
+async def test_base_model_name_decides_only_when_configured(
+    make_resolver: MakeResolver, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With no base model configured, an adapter for vLLM's --model (the base_model_name
-    argument) is accepted and one for another model is not."""
+    """With no base model configured, an adapter naming another base model is served (adapters
+    in the wild name quantized variants, training paths or nothing); with one configured, it
+    is refused as base_model_mismatch while vLLM's --model is still accepted."""
     adapter(cache, "mine", base_model=MODEL)
     adapter(cache, "theirs", base_model="/models/other")
-    assert await resolver.resolve_lora(MODEL, "mine") is not None
-    assert await resolver.resolve_lora(MODEL, "theirs") is None
+    adapter(cache, "nobody", config={"base_model_name_or_path": None})
+    free = make_resolver()
+    for name in ("mine", "theirs", "nobody"):
+        assert await free.resolve_lora(MODEL, name) is not None
+    enforced = make_resolver(Rules(max_lora_rank=16, base_model="org/tiny-llama"))
+    assert await enforced.resolve_lora(MODEL, "mine") is not None
+    assert await enforced.resolve_lora(MODEL, "theirs") is None
+    assert any("(base_model_mismatch)" in m for m in warnings_about(caplog, "theirs"))
 
 
 async def test_model_flag_matches_despite_trailing_slash(
@@ -438,10 +444,11 @@ async def test_model_flag_is_accepted_besides_configured_names(
 
 
 async def test_offline_hub_cache_path_accepts_the_hub_id(
-    resolver: LorawarmResolver, cache: Path
+    make_resolver: MakeResolver, cache: Path
 ) -> None:
     """With HF_HUB_OFFLINE vLLM passes the hub cache path of `org/name` as --model; an adapter
-    naming `org/name` matches it."""
+    naming `org/name` matches it where a base model is enforced."""
+    resolver = make_resolver(Rules(base_model="acme/enforced"))
     adapter(cache, base_model="org/tiny-llama")
     cached = "/root/.cache/huggingface/hub/models--org--tiny-llama/snapshots/0123abc"
     assert await resolver.resolve_lora(cached, "a") is not None
@@ -860,7 +867,7 @@ def test_register_reads_no_env_in_the_resolver(
     """The resolver class takes its settings by constructor only: changing the environment
     after construction changes nothing."""
     adapter(cache, base_model="org/tiny")
-    resolver = LorawarmResolver(cache, SnapshotStore(state), Rules())
+    resolver = LorawarmResolver(cache, SnapshotStore(state), Rules(base_model="org/other"))
     env.setenv("LORAWARM_BASE_MODEL_ALIASES", "org/tiny")
     env.setenv("LORAWARM_CACHE_DIR", os.devnull)
     assert asyncio.run(resolver.resolve_lora(MODEL, "a")) is None
