@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lorawarm.settings import EX_CONFIG, ConfigError, load
 from lorawarm.snapshot import SnapshotStore
+from lorawarm_vllm import engine_side
 from lorawarm_vllm.resolver import LorawarmResolver
 
 __all__ = ["RESOLVER_NAME", "LorawarmResolver", "PluginConfigError", "build_resolver", "register"]
@@ -42,7 +43,12 @@ def register() -> None:
     the same settings that is already registered is kept. On an unusable configuration it logs
     one error line and exits with 78 (EX_CONFIG): vLLM calls this function without catching
     (vllm/plugins/__init__.py `load_general_plugins`), so vLLM does not start half-working.
+
+    Named in `VLLM_PLUGINS`, it also installs the worker-side method the endpoint part asks for
+    the model's LoRA modules (`lorawarm_vllm.engine_side`).
     """
+    if _named():
+        _install_engine_side()
     try:
         resolver = build_resolver()
     except PluginConfigError as err:
@@ -109,10 +115,26 @@ def build_resolver() -> LorawarmResolver | None:
 
 def _activated() -> bool:
     """Whether the environment asks for this plugin (see `build_resolver`)."""
+    return _named() or bool(os.environ.get("LORAWARM_CACHE_DIR", "").strip())
+
+
+def _named() -> bool:
+    """Whether `VLLM_PLUGINS` names this plugin: only then does vLLM load its endpoint part."""
     # Split exactly as vLLM does (vllm/plugins/__init__.py: on commas, nothing stripped), so
     # that what activates the plugin is what loads it.
-    named = PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(",")
-    return named or bool(os.environ.get("LORAWARM_CACHE_DIR", "").strip())
+    return PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(",")
+
+
+def _install_engine_side() -> None:
+    """Install the endpoint's worker method; a vLLM without it only loses those facts."""
+    try:
+        engine_side.install()
+    except Exception as err:  # noqa: BLE001 - a vLLM laid out otherwise must still start
+        _log.warning(
+            "lorawarm: cannot install the worker method of the server facts endpoint (%r); "
+            "it will not report the model's LoRA modules",
+            err,
+        )
 
 
 def _check_dirs(cache: Path, state: Path) -> tuple[Path, SnapshotStore]:

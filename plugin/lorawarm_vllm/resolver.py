@@ -19,7 +19,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -27,15 +26,12 @@ from typing import Any, TypeAlias
 
 from lorawarm.inspection import FileStat, Invalid, Rules, inspect_adapter
 from lorawarm.names import BadName, check_name, folder_for
+from lorawarm.server_facts import model_aliases
 from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotStore
 
 # vllm.lora.request.LoRARequest. vLLM is imported through importlib, here and in `register()`:
 # vLLM ships py.typed, and letting mypy follow it means minutes of analysing vLLM and torch.
 LoRARequest: TypeAlias = Any
-
-# vLLM replaces a hub id by its local cache path when HF_HUB_OFFLINE is set (engine/arg_utils.py),
-# and passes that path as `base_model_name`; adapters name the hub id.
-_HF_CACHE_PATH = re.compile(r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?")
 
 # How many (name, reason) pairs are remembered for "log once": names come from requests, so the
 # memory is bounded.
@@ -127,10 +123,9 @@ class LorawarmResolver:
 
     def rules_for(self, base_model_name: str) -> Rules:
         """The configured rules plus vLLM's `--model` (and its hub id) as accepted base models."""
-        extra = [base_model_name]
-        match = _HF_CACHE_PATH.fullmatch(base_model_name)
-        if match:
-            extra.append(f"{match['org']}/{match['name']}")
+        # vLLM passes a local Hugging Face cache path when HF_HUB_OFFLINE replaced a hub id;
+        # adapters name the hub id.
+        extra = [base_model_name, *model_aliases(base_model_name)]
         known = set(self.rules.base_model_aliases)
         added = tuple(n for n in extra if n and n not in known)
         if not added:
