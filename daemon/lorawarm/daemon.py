@@ -67,7 +67,7 @@ class Daemon:
         self.store = SnapshotStore(settings.state_dir)
         self.catalog = Catalog(pinned=settings.pinned, complete=False)
         self.intake = Intake(
-            settings, self.catalog, self.store, self.metrics, rules=settings.rules()
+            settings, self.catalog, self.store, self.metrics, rules=settings.watched_rules()
         )
         self.reconcilers = [
             ServerReconciler(

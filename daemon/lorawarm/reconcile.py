@@ -237,7 +237,7 @@ class ServerReconciler:
             if self.facts is None or self.facts.resident is None
             else (name in self.facts.resident)
         )
-        warnings = tuple(code for code, _ in fit.warnings)
+        warnings = tuple(str(w.code) for w in fit.warnings)
         return dataclasses.replace(entry, warnings=warnings, resident=resident)
 
     def _outcome(self, record: AdapterRecord, name: str, path: str, attempts: int) -> ServerAdapter:
@@ -303,8 +303,10 @@ class ServerReconciler:
                     reason=fit.reason,
                     message=fit.message,
                 )
-            for code, message in fit.warnings:
-                log.warning(code, server=self.url, adapter=record.name, message=message)
+            for warning in fit.warnings:
+                log.warning(
+                    str(warning.code), server=self.url, adapter=record.name, message=warning.message
+                )
         return fit
 
     @property

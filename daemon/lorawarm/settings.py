@@ -144,11 +144,12 @@ class Settings(BaseSettings):
         validation_alias=_env("LORAWARM_VLLM_API_KEY", "VLLM_API_KEY"),
         description="API key of the vLLM servers (their --api-key). Falls back to VLLM_API_KEY.",
     )
-    max_lora_rank: int = Field(
-        default=16,
+    max_lora_rank: int | None = Field(
+        default=None,
         ge=1,
         le=1024,
-        description="Largest LoRA rank accepted (vLLM's --max-lora-rank).",
+        description="Largest LoRA rank accepted, overriding each server's --max-lora-rank; "
+        "unset: each server's own limit where it is learned, else not checked before loading.",
     )
     base_model: str | None = Field(
         default=None,
@@ -271,7 +272,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "warm_limit", "cache_dir", "base_model", "vllm_api_key", "status_token", mode="before"
+        "warm_limit",
+        "cache_dir",
+        "base_model",
+        "vllm_api_key",
+        "status_token",
+        "max_lora_rank",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -369,8 +376,26 @@ class Settings(BaseSettings):
             for e in entries.values()
         ]
 
+    def watched_rules(self) -> Rules:
+        """The inspection rules of the daemon and the plugin: only what holds on every server.
+        The rank limit, the base model and the served names are judged per server
+        (`lorawarm.fit`, with `policy()` and what was learned of the server)."""
+        return Rules(
+            max_adapter_bytes=self.max_adapter_bytes, safetensors_only=self.safetensors_only
+        )
+
+    def policy(self) -> FitPolicy:
+        """The operator's overrides for every server (a `[[servers]]` table adds to them)."""
+        return FitPolicy(
+            base_model=self.base_model,
+            base_model_aliases=tuple(self.base_model_aliases),
+            max_lora_rank=self.max_lora_rank,
+            served_model_names=tuple(self.served_model_names),
+        )
+
     def rules(self) -> Rules:
-        """The inspection rules these settings imply."""
+        """The inspection rules these settings imply with no server to judge against
+        (`lorawarm validate`): every limit that is set is checked."""
         return Rules(
             max_lora_rank=self.max_lora_rank,
             base_model=self.base_model,

@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 
+from lorawarm.server_facts import ServerFacts
 from lorawarm.settings import EX_CONFIG, ConfigError, load
 from lorawarm.snapshot import SnapshotStore
 from lorawarm_vllm import engine_side
@@ -67,6 +69,7 @@ def register() -> None:
         and current.cache_dir == resolver.cache_dir
         and current.store.root == resolver.store.root
         and current.rules == resolver.rules
+        and current.policy == resolver.policy
     ):
         return
     registry.register_resolver(RESOLVER_NAME, resolver)
@@ -110,7 +113,22 @@ def build_resolver() -> LorawarmResolver | None:
             )
         )
     cache_dir, store = _check_dirs(settings.cache_dir, settings.state_dir)
-    return LorawarmResolver(cache_dir, store, settings.rules(), logger=_log)
+    return LorawarmResolver(
+        cache_dir,
+        store,
+        settings.watched_rules(),
+        policy=settings.policy(),
+        facts=_endpoint_facts,
+        logger=_log,
+    )
+
+
+def _endpoint_facts() -> ServerFacts | None:
+    """This vLLM's facts as lorawarm's endpoint learned them, in this process; None where the
+    endpoint part is not loaded (not imported here: it is vLLM that loads it, or not)."""
+    endpoint = sys.modules.get("lorawarm_vllm.endpoint")
+    facts = None if endpoint is None else endpoint.current_facts()
+    return facts if isinstance(facts, ServerFacts) else None
 
 
 def _activated() -> bool:

@@ -129,11 +129,11 @@ async def test_old_folder_found_by_a_rescan_is_taken_at_once(
 async def test_invalid_adapter_records_the_reason(make_daemon: MakeDaemon, cache: Path) -> None:
     """An adapter inspection refuses gets the reason code and message, and no snapshot."""
     daemon = make_daemon()
-    write_adapter(cache / "big", r=64)
+    write_adapter(cache / "big", config={"bias": "all"})
     await daemon.intake.refresh("big", published=True)
     record = daemon.catalog.get("big")
     assert record is not None
-    assert record.reason == "rank_too_large"
+    assert record.reason == "bias_not_supported"
     assert record.message
     assert record.snapshot is None
     assert daemon.states()[record.name] is AdapterState.INVALID
@@ -143,7 +143,7 @@ async def test_invalid_adapter_records_the_reason(make_daemon: MakeDaemon, cache
 async def test_fixed_invalid_adapter_becomes_valid(make_daemon: MakeDaemon, cache: Path) -> None:
     """Rewriting an invalid adapter correctly clears the reason and snapshots it."""
     daemon = make_daemon()
-    write_adapter(cache / "a", r=64)
+    write_adapter(cache / "a", config={"bias": "all"})
     await daemon.intake.refresh("a", published=True)
     shutil.rmtree(cache / "a")
     write_adapter(cache / "a")
@@ -617,7 +617,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LorawarmProces
     base = tmp_path_factory.mktemp("daemon")
     cache = base / "drop"
     age(write_adapter(cache / "good"))
-    age(write_adapter(cache / "org" / "big", r=64))
+    age(write_adapter(cache / "org" / "big", config={"bias": "all"}))
     proc = LorawarmProcess(
         cache,
         base / "state",
@@ -655,7 +655,7 @@ def test_status_table(running: LorawarmProcess, capsys: pytest.CaptureFixture[st
     assert lines[0].split() == ["ADAPTER", "STATE", "REASON", "SERVER", "1"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
     assert rows["good"] == ["pending", "pending", "(unreachable)"]
-    assert rows["org/big"][:2] == ["invalid", "rank_too_large"]
+    assert rows["org/big"][:2] == ["invalid", "bias_not_supported"]
     assert f"SERVER 1  {UNREACHABLE}  unreachable: ConnectError" in out
     assert "org/big: " in out
 

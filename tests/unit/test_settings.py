@@ -28,7 +28,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert [c.url for c in s.server_configs()] == ["http://127.0.0.1:8000"]
     assert s.vllm_api_key is None
     assert s.status_token is None
-    assert (s.max_lora_rank, s.base_model, s.base_model_aliases) == (16, None, [])
+    assert (s.max_lora_rank, s.base_model, s.base_model_aliases) == (None, None, [])
     assert (s.settle_seconds, s.resync_seconds, s.warm_limit, s.pinned) == (5.0, 60.0, None, [])
     assert (s.polling, s.status_host, s.status_port) == (False, "127.0.0.1", 8765)
     assert (s.log_format, s.log_level) == ("auto", "info")
@@ -391,7 +391,7 @@ def test_reference_table_lists_every_setting() -> None:
     assert "`LORAWARM_CACHE_DIR` or `VLLM_LORA_RESOLVER_CACHE_DIR`" in rows["cache_dir"]
     assert "`LORAWARM_VLLM_API_KEY` or `VLLM_API_KEY`" in rows["vllm_api_key"]
     assert "`STATE_DIRECTORY`" in rows["state_dir"]
-    assert "`16`" in rows["max_lora_rank"]
+    assert "`unset`" in rows["max_lora_rank"]
     assert "`unset`" in rows["warm_limit"]
     assert "http://127.0.0.1:8000" in rows["vllm_urls"]
     assert "`empty`" in rows["pinned"]
