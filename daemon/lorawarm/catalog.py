@@ -57,7 +57,7 @@ class ServerAdapter:
     condition: Condition | None = None
     loaded_path: str | None = None
     loaded_at: float | None = None
-    reason: str | None = None  # why INCOMPATIBLE (a stable code)
+    reason: Reason | None = None  # why INCOMPATIBLE (a stable code)
     warnings: tuple[str, ...] = ()  # e.g. base_model_differs: served, but worth a look
     resident: bool | None = None  # in the engine's memory now; None: not known
 

@@ -62,7 +62,10 @@ class ServerView(BaseModel):
 class AdapterView(BaseModel):
     name: str
     state: AdapterState
-    reason: str | None = Field(description="Stable code when invalid or failed.")
+    reason: str | None = Field(
+        description="Stable code when invalid or failed; when incompatible, the first "
+        "server's (each server's is in `servers`)."
+    )
     message: str | None = Field(description="What is wrong, for a person.")
     pending_reason: str | None = Field(
         default=None,
@@ -221,11 +224,19 @@ def adapter_view(record: AdapterRecord, servers: Sequence[ServerSide]) -> Adapte
     outcomes = _outcomes(record, servers)
     message = _text(record.message) if record.message else record.message
     served = snap is not None  # a reason beside a snapshot is about newer content
+    state = adapter_state(record, outcomes)
+    reason = None if served else record.reason
+    if state is AdapterState.INCOMPATIBLE:  # every server said why: the first one's reason
+        reason = outcomes[0].reason
+        message = "; ".join(
+            f"{server.url}: {entry.last_error}" if len(outcomes) > 1 else str(entry.last_error)
+            for server, entry in zip(servers, outcomes, strict=True)
+        )
     return AdapterView(
         name=_text(record.name),
-        state=adapter_state(record, outcomes),
-        reason=None if served else record.reason,
-        message=None if served else message,
+        state=state,
+        reason=reason,
+        message=message if not served or state is AdapterState.INCOMPATIBLE else None,
         pending_reason=record.reason if served else None,
         pending_message=message if served else None,
         digest=snap.digest if snap else None,

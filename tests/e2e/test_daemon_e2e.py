@@ -81,7 +81,6 @@ def test_mv_publish_loads_without_waiting_for_settle(
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("bad-rank", "rank_too_large"),
         ("bad-peft-type", "wrong_peft_type"),
         ("bad-truncated", "weights_truncated"),
     ],
@@ -95,18 +94,15 @@ def test_invalid_adapter_never_reaches_vllm(
 ) -> None:
     """Invalid adapters are reported with their reason code and never sent to vLLM."""
     staging = daemon.cache_dir / f".{name}.tmp"
-    if reason == "rank_too_large":
-        adapters.copy_to(staging, seed=4, r=32)
+    adapters.copy_to(staging, seed=4)
+    if reason == "wrong_peft_type":
+        config = staging / "adapter_config.json"
+        doc = json.loads(config.read_text())
+        doc["peft_type"] = "PREFIX_TUNING"
+        config.write_text(json.dumps(doc))
     else:
-        adapters.copy_to(staging, seed=4)
-        if reason == "wrong_peft_type":
-            config = staging / "adapter_config.json"
-            doc = json.loads(config.read_text())
-            doc["peft_type"] = "PREFIX_TUNING"
-            config.write_text(json.dumps(doc))
-        else:
-            weights = staging / "adapter_model.safetensors"
-            os.truncate(weights, weights.stat().st_size // 2)
+        weights = staging / "adapter_model.safetensors"
+        os.truncate(weights, weights.stat().st_size // 2)
     staging.rename(daemon.cache_dir / name)
     doc = daemon.wait_state(name, "invalid")
     assert doc["reason"] == reason
@@ -115,6 +111,27 @@ def test_invalid_adapter_never_reaches_vllm(
     time.sleep(1)
     assert _loaded(vllm, name) is None
     assert vllm.count_lora_loads(name) == 0
+
+
+def test_rank_override_keeps_a_too_large_adapter_from_a_server_without_the_endpoint(
+    vllm: VllmServer, adapters: AdapterFactory, tmp_path: Path
+) -> None:
+    """This vLLM runs without lorawarm's plugin, so its --max-lora-rank cannot be learned:
+    LORAWARM_MAX_LORA_RANK says it, and a rank-32 adapter is incompatible (rank_too_large)
+    and never sent, while the rank-8 one loads."""
+    drop, state = tmp_path / "drop", tmp_path / "state"
+    drop.mkdir()
+    adapters.copy_to(drop / "over-rank", seed=4, r=32)
+    adapters.copy_to(drop / "in-rank", seed=5)
+    env = {"LORAWARM_MAX_LORA_RANK": "16"}
+    with LorawarmProcess(drop, state, [vllm.url], env=env) as d:
+        d.wait_ready()
+        d.wait_state("in-rank", "loaded")
+        doc = d.wait_state("over-rank", "incompatible")
+        assert doc["reason"] == "rank_too_large"
+        assert [s["learned_from"] for s in d.servers()] == [["models", "config"]]
+        assert _loaded(vllm, "over-rank") is None
+        assert vllm.count_lora_loads("over-rank") == 0
 
 
 def test_deleted_adapter_is_unloaded_and_vllm_stays_healthy(

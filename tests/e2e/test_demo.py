@@ -29,5 +29,5 @@ def test_demo_check_passes(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo check: ok" in result.stdout
-    assert "demo-broken  invalid  rank_too_large" in result.stdout
+    assert "demo-broken  incompatible  rank_too_large" in result.stdout
     assert "HTTP 200" in result.stdout

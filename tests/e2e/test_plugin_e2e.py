@@ -93,18 +93,17 @@ def test_half_copied_adapter_is_404_then_serves(
     assert completion(plugin.url, "half", "Hello world").status_code == 200
 
 
-def test_adapter_for_another_base_model_is_refused(
+def test_adapter_naming_another_base_model_serves_with_a_warning(
     plugin: PluginServer, adapters: AdapterFactory
 ) -> None:
-    """An adapter trained for another base model is not loaded: 404, and /health stays 200."""
+    """An adapter naming another base model whose modules and shapes fit this vLLM is served
+    (no base model is enforced here), and the plugin logs base_model_differs once."""
     adapters.copy_to(plugin.drop / "foreign", seed=4, base_model_name_or_path="other/model")
-    response = completion(plugin.url, "foreign", "Hello world")
-    assert response.status_code == 404, response.text
-    assert "foreign" not in lora_models(plugin.url)
+    for _ in range(2):
+        response = completion(plugin.url, "foreign", "Hello world")
+        assert response.status_code == 200, response.text
     assert plugin.healthy()
-    assert "lorawarm: adapter 'foreign' is not served (base_model_mismatch)" in (
-        plugin.server.log_text()
-    )
+    assert plugin.server.log_text().count("lorawarm: adapter 'foreign' (base_model_differs)") == 1
 
 
 def test_adapter_naming_an_alias_serves(plugin: PluginServer, adapters: AdapterFactory) -> None:

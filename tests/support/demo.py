@@ -90,7 +90,6 @@ def _run_demo(workdir: Path, *, check: bool) -> int:
         "VLLM_LORA_RESOLVER_CACHE_DIR": str(drop),
         "LORAWARM_CACHE_DIR": str(drop),
         "LORAWARM_STATE_DIR": str(state),
-        "LORAWARM_MAX_LORA_RANK": "16",
     }
     server = VllmServer(model, plugins=["lorawarm"], env=plugin_env, log_path=workdir / "vllm.log")
     _say(f"starting vLLM (CPU) with the lorawarm plugin at {server.url}; log: {server.log_path}")
@@ -103,7 +102,7 @@ def _run_demo(workdir: Path, *, check: bool) -> int:
             drop,
             state,
             [server.url],
-            env={"LORAWARM_LOG_LEVEL": "info", "LORAWARM_MAX_LORA_RANK": "16"},
+            env={"LORAWARM_LOG_LEVEL": "info"},
             log_path=workdir / "lorawarm.log",
         )
         _say(f"starting `lorawarm run`; status API at {daemon.status_url}")
@@ -116,7 +115,8 @@ def _run_demo(workdir: Path, *, check: bool) -> int:
         shutil.copytree(broken_src, drop / ".demo-broken.tmp")
         (drop / ".demo-broken.tmp").rename(drop / "demo-broken")
         good = daemon.wait_state("demo-good", "loaded")
-        broken = daemon.wait_state("demo-broken", "invalid")
+        # Judged by what the server takes (its --max-lora-rank 16, learned from the plugin).
+        broken = daemon.wait_state("demo-broken", "incompatible")
 
         _say("lorawarm status")
         table = subprocess.run(
