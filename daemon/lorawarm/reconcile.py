@@ -67,16 +67,18 @@ def plan(
     *,
     blocked: frozenset[str] = frozenset(),
     want: Mapping[str, str] | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> Plan:
     """Plan the operations that turn `actual` into `desired`.
 
     desired: (name, path) in load order (`want` is the same as a mapping, when the caller has
     it). actual: name -> path of OUR adapters on the server. foreign: names on the server that
     are not ours (base models, adapters others loaded). blocked: names not to load now
-    (backing off after a failure).
+    (backing off after a failure). keep: names not to unload now (their folder is still being
+    judged: what the resolver loaded for it stays until there is a verdict).
     """
     want = dict(desired) if want is None else want
-    unloads = tuple(sorted(n for n, p in actual.items() if want.get(n) != p))
+    unloads = tuple(sorted(n for n, p in actual.items() if want.get(n) != p and n not in keep))
     loads = []
     conflicts = []
     for name, path in desired:
@@ -558,7 +560,14 @@ class ServerReconciler:
         blocked = frozenset(
             n for n, f in self._failures.items() if f.due > now and want.get(n) == f.path
         )
-        step = plan(self.desired(), self.actual, self._foreign, blocked=blocked, want=want)
+        undecided = frozenset(
+            n
+            for n in self._actual
+            if (r := self.catalog.get(n)) is not None and r.snapshot is None and r.reason is None
+        )
+        step = plan(
+            self.desired(), self.actual, self._foreign, blocked=blocked, want=want, keep=undecided
+        )
         if not self.catalog.complete:
             # The first scan is still running: what it has not reached yet is not deleted, and
             # with a warm limit the order is not known yet. Load what is known, unload nothing.

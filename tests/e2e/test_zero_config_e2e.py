@@ -103,7 +103,7 @@ def wait_settled(daemon: LorawarmProcess, names: list[str], timeout: float = 120
                 return False
         return True
 
-    wait_for(settled, timeout, f"adapters settled: {names}")
+    wait_for(settled, timeout=timeout, what=f"adapters settled: {names}")
 
 
 def publish(adapter: Path, drop: Path, name: str) -> Path:
@@ -226,13 +226,13 @@ def test_requested_adapters_join_the_warm_set_without_churn(
         def trimmed() -> bool:
             return len([n for n in lora_models(fleet.a.url) if n.startswith("cap-")]) <= 2
 
-        wait_for(trimmed, 30, "lorawarm keeps at most 2 adapters loaded on A")
+        wait_for(trimmed, timeout=30, what="lorawarm keeps at most 2 adapters loaded on A")
         cold = next(n for n in names if n not in lora_models(fleet.a.url))
 
         def loads() -> int:  # by lorawarm's daemon, and by the resolver on request
             return fleet.a.count_lora_loads(cold) + fleet.a.count_log(f"{LORA_RESOLVED_LOG}{cold}'")
 
-        before = loads()
+        before, lines = loads(), len(daemon.log_text().splitlines())
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert completion(fleet.a.url, cold, "Hello world").status_code == 200
@@ -245,7 +245,7 @@ def test_requested_adapters_join_the_warm_set_without_churn(
         assert view["servers"][0]["resident"] is True
         unloaded = [
             line
-            for line in daemon.log_text().splitlines()
+            for line in daemon.log_text().splitlines()[lines:]
             if '"adapter_unloaded"' in line and f'"adapter": "{cold}"' in line
         ]
         assert unloaded == []
@@ -280,7 +280,9 @@ def test_a_restart_with_other_flags_is_relearned(fleet: Fleet, tmp_path: Path) -
         b.extra_args = [arg if arg != "8" else "16" for arg in b.extra_args]
         b.restart()
         wait_for(
-            lambda: daemon.servers()[0]["max_lora_rank"] == 16, 120, "B re-learned with rank 16"
+            lambda: daemon.servers()[0]["max_lora_rank"] == 16,
+            timeout=120,
+            what="B re-learned with rank 16",
         )
         daemon.wait_state("mistral-r16", "loaded", timeout=120)
         assert "mistral-r16" in lora_models(b.url)

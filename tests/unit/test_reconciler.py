@@ -1392,3 +1392,26 @@ async def test_resident_says_what_the_engine_holds(
     assert outcome(rec, cat, "a").resident is None
     await rec.sync()
     assert (outcome(rec, cat, "a").resident, outcome(rec, cat, "b").resident) == (False, True)
+
+
+async def test_what_the_resolver_loaded_stays_while_its_folder_is_judged(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """An adapter the resolver loaded whose folder the daemon is still settling is not
+    unloaded (it would be loaded again a moment later); once the folder is judged invalid, it
+    is."""
+    cat = Catalog(pinned=[])
+    snap = adapters.snapshot("a")
+    record = AdapterRecord(name="a", source_path=adapters.drop / "a", settling=True)
+    cat.add(record)
+    fake = FakeVllm()
+    fake.registry["a"] = str(snap.path)
+    rec = make(fake, cat)
+    await rec.sync()
+    assert fake.ops() == []
+    assert fake.registry == {"a": str(snap.path)}
+    record.settling, record.reason, record.message = False, Reason.BAD_FIELD, "r is 0"
+    cat.touch()
+    cat.mark_complete()
+    await rec.sync()
+    assert fake.ops() == [("unload", "a", None)]
