@@ -36,7 +36,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 PEFT_PREFIX = "base_model.model."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per module per adapter: thousands are kept
 class ModuleDims:
     """One module of the adapter with the dimensions its LoRA matrices imply.
 
@@ -61,7 +61,7 @@ class ModuleDims:
         return self.path + (".lora_embedding_B" if self.embedding else ".lora_B.weight")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoraShape:
     """What an adapter touches: its modules with their dimensions, the layer indices its tensors
     name, and what its config declares (`target_modules`, a list or a regex string, and
