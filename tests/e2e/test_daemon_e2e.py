@@ -81,7 +81,7 @@ def test_mv_publish_loads_without_waiting_for_settle(
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("bad-rank", "rank_too_large"),
+        ("bad-bias", "bias_not_supported"),
         ("bad-peft-type", "wrong_peft_type"),
         ("bad-truncated", "weights_truncated"),
     ],
@@ -95,18 +95,19 @@ def test_invalid_adapter_never_reaches_vllm(
 ) -> None:
     """Invalid adapters are reported with their reason code and never sent to vLLM."""
     staging = daemon.cache_dir / f".{name}.tmp"
-    if reason == "rank_too_large":
-        adapters.copy_to(staging, seed=4, r=32)
+    adapters.copy_to(staging, seed=4)
+    edits = {
+        "bias_not_supported": {"bias": "all"},
+        "wrong_peft_type": {"peft_type": "PREFIX_TUNING"},
+    }
+    if reason in edits:
+        config = staging / "adapter_config.json"
+        doc = json.loads(config.read_text())
+        doc.update(edits[reason])
+        config.write_text(json.dumps(doc))
     else:
-        adapters.copy_to(staging, seed=4)
-        if reason == "wrong_peft_type":
-            config = staging / "adapter_config.json"
-            doc = json.loads(config.read_text())
-            doc["peft_type"] = "PREFIX_TUNING"
-            config.write_text(json.dumps(doc))
-        else:
-            weights = staging / "adapter_model.safetensors"
-            os.truncate(weights, weights.stat().st_size // 2)
+        weights = staging / "adapter_model.safetensors"
+        os.truncate(weights, weights.stat().st_size // 2)
     staging.rename(daemon.cache_dir / name)
     doc = daemon.wait_state(name, "invalid")
     assert doc["reason"] == reason

@@ -37,7 +37,8 @@ class PluginServer:
 @pytest.fixture(scope="module")
 def plugin(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginServer]:
     """One vLLM server with only the lorawarm plugin, one GPU slot and one CPU slot for
-    adapters (so a second adapter evicts the first), and an alias for the base model."""
+    adapters (so a second adapter evicts the first), and an enforced base model with an
+    alias."""
     root = tmp_path_factory.mktemp("plugin")
     drop, state = root / "drop", root / "state"
     drop.mkdir()
@@ -50,6 +51,8 @@ def plugin(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "LORAWARM_CACHE_DIR": str(drop),
             "LORAWARM_STATE_DIR": str(state),
             "LORAWARM_MAX_LORA_RANK": "16",
+            # Enforced: without it the base model's name decides nothing (a warning only).
+            "LORAWARM_BASE_MODEL": str(tiny_model),
             "LORAWARM_BASE_MODEL_ALIASES": ALIAS,
             "VLLM_LORA_RESOLVER_CACHE_DIR": None,
         },
