@@ -37,19 +37,11 @@ MAX_CONFIG_BYTES = 1 << 20
 """A model's config.json is a few KiB; a bigger file is not read."""
 
 # Transformers classes whose attention and MLP are Llama's: q/k/v/o_proj, gate/up/down_proj,
-# one intermediate size, head_dim = hidden / heads unless the config says otherwise. Others (MoE
-# models, fused qkv, other names) get no shapes from their config: a wrong shape would refuse
-# adapters that fit.
-LLAMA_FAMILY = frozenset(
-    {
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "GemmaForCausalLM",
-        "Gemma2ForCausalLM",
-    }
-)
+# one intermediate size, head_dim = hidden / heads unless the config says otherwise (checked
+# against the modules transformers builds, tests/unit/test_learn.py). Others get no shapes from
+# their config: MoE models and fused qkv name other modules, and Gemma or Qwen3 default an
+# absent head_dim to a constant, not hidden / heads; a wrong shape would refuse adapters that fit.
+LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 
 # Raised by the endpoint call for a server that cannot be asked anything: no fallback helps.
 _FATAL = frozenset({Condition.UNREACHABLE, Condition.TIMEOUT, Condition.UNAUTHORIZED})

@@ -45,11 +45,10 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from lorawarm.server_facts import LearnedFrom, ModuleShape, ServerFacts, model_aliases
+from lorawarm_vllm import PLUGIN_NAME, RESOLVER_NAME, LorawarmResolver
 from lorawarm_vllm.engine_side import RPC_METHOD
 
 ROUTE = "/v1/lorawarm/server"
-PLUGIN_NAME = "lorawarm"
-RESOLVER_NAME = "lorawarm"
 # How long the one-time worker call and each per-request cache query may take: both are
 # utility calls the engine answers between two steps, milliseconds normally.
 RPC_TIMEOUT = 30.0
@@ -290,6 +289,4 @@ def _runtime_updating() -> bool:
 def _resolver_registered() -> bool:
     """Whether vLLM's resolver registry holds lorawarm's resolver."""
     registry = importlib.import_module("vllm.lora.resolver").LoRAResolverRegistry
-    resolver = registry.resolvers.get(RESOLVER_NAME)
-    resolver_cls = importlib.import_module("lorawarm_vllm.resolver").LorawarmResolver
-    return isinstance(resolver, resolver_cls)
+    return isinstance(registry.resolvers.get(RESOLVER_NAME), LorawarmResolver)
