@@ -81,6 +81,7 @@ def test_mv_publish_loads_without_waiting_for_settle(
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
+        ("bad-bias", "bias_not_supported"),
         ("bad-peft-type", "wrong_peft_type"),
         ("bad-truncated", "weights_truncated"),
     ],
@@ -95,10 +96,14 @@ def test_invalid_adapter_never_reaches_vllm(
     """Invalid adapters are reported with their reason code and never sent to vLLM."""
     staging = daemon.cache_dir / f".{name}.tmp"
     adapters.copy_to(staging, seed=4)
-    if reason == "wrong_peft_type":
+    edits = {
+        "bias_not_supported": {"bias": "all"},
+        "wrong_peft_type": {"peft_type": "PREFIX_TUNING"},
+    }
+    if reason in edits:
         config = staging / "adapter_config.json"
         doc = json.loads(config.read_text())
-        doc["peft_type"] = "PREFIX_TUNING"
+        doc.update(edits[reason])
         config.write_text(json.dumps(doc))
     else:
         weights = staging / "adapter_model.safetensors"

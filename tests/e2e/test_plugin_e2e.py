@@ -37,7 +37,8 @@ class PluginServer:
 @pytest.fixture(scope="module")
 def plugin(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginServer]:
     """One vLLM server with only the lorawarm plugin, one GPU slot and one CPU slot for
-    adapters (so a second adapter evicts the first), and an alias for the base model."""
+    adapters (so a second adapter evicts the first), and an enforced base model with an
+    alias."""
     root = tmp_path_factory.mktemp("plugin")
     drop, state = root / "drop", root / "state"
     drop.mkdir()
@@ -50,6 +51,8 @@ def plugin(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "LORAWARM_CACHE_DIR": str(drop),
             "LORAWARM_STATE_DIR": str(state),
             "LORAWARM_MAX_LORA_RANK": "16",
+            # Enforced: without it the base model's name decides nothing (a warning only).
+            "LORAWARM_BASE_MODEL": str(tiny_model),
             "LORAWARM_BASE_MODEL_ALIASES": ALIAS,
             "VLLM_LORA_RESOLVER_CACHE_DIR": None,
         },
@@ -93,17 +96,18 @@ def test_half_copied_adapter_is_404_then_serves(
     assert completion(plugin.url, "half", "Hello world").status_code == 200
 
 
-def test_adapter_naming_another_base_model_serves_with_a_warning(
+def test_adapter_for_another_base_model_is_refused(
     plugin: PluginServer, adapters: AdapterFactory
 ) -> None:
-    """An adapter naming another base model whose modules and shapes fit this vLLM is served
-    (no base model is enforced here), and the plugin logs base_model_differs once."""
+    """An adapter trained for another base model is not loaded: 404, and /health stays 200."""
     adapters.copy_to(plugin.drop / "foreign", seed=4, base_model_name_or_path="other/model")
-    for _ in range(2):
-        response = completion(plugin.url, "foreign", "Hello world")
-        assert response.status_code == 200, response.text
+    response = completion(plugin.url, "foreign", "Hello world")
+    assert response.status_code == 404, response.text
+    assert "foreign" not in lora_models(plugin.url)
     assert plugin.healthy()
-    assert plugin.server.log_text().count("lorawarm: adapter 'foreign' (base_model_differs)") == 1
+    assert "lorawarm: adapter 'foreign' is not served (base_model_mismatch)" in (
+        plugin.server.log_text()
+    )
 
 
 def test_adapter_naming_an_alias_serves(plugin: PluginServer, adapters: AdapterFactory) -> None:

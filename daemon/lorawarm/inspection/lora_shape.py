@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # vLLM's only LoRA tensor forms: suffix -> (is A, is an embedding).
 LORA_SUFFIXES = {
@@ -33,12 +34,15 @@ LORA_SUFFIXES = {
     ".lora_embedding_B": (False, True),
 }
 _LAYER = re.compile(r"\.(\d+)\.")
+_LLAMA_LAYER = re.compile(r"\.layers\.(\d+)\.")
 PEFT_PREFIX = "base_model.model."
 
 
-@dataclass(frozen=True)
-class ModuleDims:
+class ModuleDims(NamedTuple):
     """One module of the adapter with the dimensions its LoRA matrices imply.
+
+    A NamedTuple rather than a frozen dataclass: one is built per module of every adapter
+    inspected, and a frozen dataclass's `__init__` costs several times more.
 
     `in_features` comes from A's second axis, `out_features` from B's first (None when that
     matrix is missing); `path` is the tensor prefix of the first layer seen with these
@@ -61,7 +65,7 @@ class ModuleDims:
         return self.path + (".lora_embedding_B" if self.embedding else ".lora_B.weight")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoraShape:
     """What an adapter touches: its modules with their dimensions, the layer indices its tensors
     name, and what its config declares (`target_modules`, a list or a regex string, and
@@ -115,20 +119,17 @@ class ShapeReader:
     def shape(self, config: dict[str, object]) -> LoraShape:
         """The collected shape, with the declarations of `config` (adapter_config.json)."""
         seen: dict[tuple[str, int | None, int | None], ModuleDims] = {}
-        indices: set[str] = set()
         for path, (fin, fout, rank, embedding) in self._paths.items():
-            key = (path[path.rfind(".") + 1 :], fin, fout)
+            key = (path.rpartition(".")[2], fin, fout)
             if key not in seen:
                 seen[key] = ModuleDims(key[0], fin, fout, rank or 0, path, bool(embedding))
-            at = path.find(".layers.")  # Llama, Mistral, Qwen2 and most others: one find
-            if at >= 0:
-                end = path.find(".", at + 8)
-                indices.add(path[at + 8 : end if end >= 0 else None])
-            else:
-                layer = _LAYER.search(path)  # the first numeric part (`h.3`, `blocks.3`)
-                if layer is not None:
-                    indices.add(layer[1])
-        layers = {int(i) for i in indices if i.isdigit()}
+        # Layer indices: `.layers.N.` (Llama, Mistral, Qwen2 and most others) found in one C
+        # pass over all paths; else the first numeric part of each path (`h.3`, `blocks.3`).
+        joined = "\n".join(self._paths)
+        found = _LLAMA_LAYER.findall(joined) or [
+            m[1] for m in map(_LAYER.search, self._paths) if m is not None
+        ]
+        layers = set(map(int, found))
         targets = config.get("target_modules")
         saved = config.get("modules_to_save") or ()
         return LoraShape(
