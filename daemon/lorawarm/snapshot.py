@@ -9,16 +9,27 @@ both end up with the same complete directory, and nobody ever sees a half-writte
 Because vLLM reads only from here, a user deleting or rewriting a folder in the drop directory
 cannot break a running vLLM (vllm#5105), and a changed adapter gets a new path.
 
+The source is read once: each file is cloned (`FICLONE`, a reflink: no data copied, where the
+filesystem shares extents: XFS with reflink=1, btrfs, bcachefs, ZFS 2.2+) and the clone hashed,
+or copied while it is hashed; the staging folder is then published under the digest of what
+was written. Durability is recorded by a `.synced` marker inside the snapshot, written once its
+files are known to be on disk: `create(durable=True)` fsyncs before publishing; the plugin
+publishes first and syncs in the background (off vLLM's request path), the daemon's rescans
+sync a whole batch with one `syncfs`. A snapshot without the marker (its writer has not synced
+it yet, or a crash came first) is hashed again before it is used, and remade when it differs.
+
 This module is shared with the vLLM plugin: standard library and `lorawarm.inspection` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -48,6 +59,17 @@ ABANDONED_AGE = 10.0
 _TMP_RECORD = "%tmp-"  # never the start of a quoted name: `%` is always followed by hex there
 _DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
 _CHUNK = 1 << 20
+# Inside a snapshot: its files (and the names they were published under) reached the disk.
+MARKER = ".synced"
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+# What `FICLONE` answers when this pair of files cannot share extents (another filesystem, one
+# without reflinks, an old kernel): copy the bytes instead.
+_NO_CLONE = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+)
+# (source device, state device) pairs whose files FICLONE refused: not tried again (a cache of
+# what the filesystems can do, the same for every store in the process).
+_NO_CLONE_PAIRS: set[tuple[int, int]] = set()
 
 
 class SnapshotReason(StrEnum):
@@ -105,20 +127,20 @@ class SnapshotStore:
             return None
         return "/".join(parts[:-1]), parts[-1]
 
-    def create(self, adapter: Valid, rules: Rules) -> Snapshot:
+    def create(self, adapter: Valid, rules: Rules, *, durable: bool = True) -> Snapshot:
         """Publish a snapshot of `adapter` (or find the identical one) and return it.
 
-        Raises `SnapshotError` when the source changed under us, when the copy does not pass
-        inspection, or when the state dir cannot be written; nothing half-written is left.
+        With `durable`, the snapshot's files are on disk when this returns (fsync, then the
+        marker); without it the caller makes them so later (`sync`), or never (a lost marker
+        only costs a verification at the next use). Raises `SnapshotError` when the source
+        changed under us, when the copy does not pass inspection, or when the state dir cannot
+        be written; nothing half-written is left.
         """
         digest = self._remembered(adapter)
-        if digest is None:
-            started = time.time_ns()
-            digest = _digest(adapter.path, adapter.files)
-            self._remember(adapter, digest, started)
-        final = self.path_for(adapter.name, digest)
-        if _complete(final, adapter.files):
-            return Snapshot(adapter.name, digest, final)
+        if digest is not None:
+            final = self.path_for(adapter.name, digest)
+            if self._usable(final, adapter.files, digest, durable=durable):
+                return Snapshot(adapter.name, digest, final)
         staging = self.root / STAGING
         try:
             staging.mkdir(parents=True, exist_ok=True)
@@ -128,36 +150,19 @@ class SnapshotStore:
                 SnapshotReason.SNAPSHOT_FAILED, f"cannot write the state dir: {err}"
             ) from err
         lock = -1
+        started = time.time_ns()
         try:
             lock = _hold(tmp)  # while held, collection knows that this copy is alive
-            copied = _copy(adapter.path, adapter.files, tmp)
-            if copied != digest:
-                raise SnapshotError(
-                    SnapshotReason.SOURCE_CHANGED, "the adapter changed while it was being copied"
-                )
+            digest = _copy(adapter.path, adapter.files, tmp)
             check = inspect_adapter(tmp, root=staging, rules=rules, name=adapter.name)
             if isinstance(check, Invalid):
                 raise SnapshotError(
                     SnapshotReason.SNAPSHOT_INVALID,
                     f"the copy did not pass inspection: {check.message}",
                 )
-            for f in adapter.files:
-                (tmp / f.name).chmod(0o444)
-            # Inherit the snapshot root's group bits (a shared group lets the plugin, running
-            # as vLLM's user, and the daemon create and collect each other's snapshots).
-            tmp.chmod(0o755 | (self.root.stat().st_mode & 0o070))
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                tmp.rename(final)
-            except OSError as err:
-                # Someone (the plugin, or another daemon) published the same content first.
-                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                if not _complete(final, adapter.files):
-                    # Files are missing: a removal killed half-way (before removals went
-                    # through the staging dir). Replace it.
-                    _discard(final, staging)
-                    tmp.rename(final)
+            final = self.path_for(adapter.name, digest)
+            if not self._usable(final, adapter.files, digest, durable=durable):
+                self._publish(tmp, final, adapter.files, digest, durable=durable)
         except SnapshotError:
             _remove(tmp)
             raise
@@ -169,8 +174,75 @@ class SnapshotStore:
         finally:
             if lock >= 0:
                 os.close(lock)
-        _remove(tmp)
+        _remove(tmp)  # what is left when the same content was published already
+        self._remember(adapter, digest, started)
         return Snapshot(adapter.name, digest, final)
+
+    def _publish(
+        self, tmp: Path, final: Path, files: tuple[FileStat, ...], digest: str, *, durable: bool
+    ) -> None:
+        """Rename the checked staging copy `tmp` to `final`, read-only."""
+        for f in files:
+            (tmp / f.name).chmod(0o444)
+        # Inherit the snapshot root's group bits (a shared group lets the plugin, running
+        # as vLLM's user, and the daemon create and collect each other's snapshots).
+        tmp.chmod(0o755 | (self.root.stat().st_mode & 0o070))
+        if durable:
+            _fsync_files(tmp, files)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(final)
+        except OSError as err:
+            # Someone (the plugin, or another daemon) published the same content first.
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if self._usable(final, files, digest, durable=durable):
+                return
+            # Files are missing or differ from their digest (a removal killed half-way, a
+            # crash before they reached the disk): replace it.
+            _discard(final, self.root / STAGING)
+            tmp.rename(final)
+        if durable:
+            _mark(final)
+
+    def _usable(
+        self, final: Path, files: Iterable[FileStat], digest: str, *, durable: bool
+    ) -> bool:
+        """True when `final` is a whole snapshot of `digest` (made durable if asked)."""
+        files = tuple(files)
+        if not _complete(final, files):
+            return False
+        if os.path.exists(final / MARKER):
+            return True
+        # Published but not known to be on disk: its writer has not synced it yet, or a crash
+        # came first and the files may hold anything. Their content decides.
+        try:
+            if _hash_folder(final, files) != digest:
+                return False
+            if durable:
+                _fsync_files(final, files)
+                _mark(final)
+        except OSError:
+            return False
+        return True
+
+    def sync(self, snapshots: Iterable[Snapshot]) -> None:
+        """Make snapshots created with `durable=False` durable: one `syncfs` of the state
+        filesystem for a batch (where the C library has it), an fsync of each file for a
+        single one, then their markers. Best effort: a snapshot left unmarked is verified at
+        its next use."""
+        pending = [s.path for s in snapshots if not os.path.exists(s.path / MARKER)]
+        if not pending:
+            return
+        try:
+            if len(pending) == 1 or not _syncfs(self.root):
+                for path in pending:
+                    _fsync_files(path, _regular_files(path))
+        except OSError:
+            return
+        for path in pending:
+            with contextlib.suppress(OSError):
+                _mark(path)
 
     def _source_record(self, name: str) -> Path:
         return self.root / SOURCES / quote(name, safe="")
@@ -221,42 +293,49 @@ class SnapshotStore:
 
     def existing(self) -> Iterator[Snapshot]:
         """Every published snapshot on disk."""
-        if not self.root.is_dir():
-            return
-        for first in _subdirs(self.root):
+        for name, digest, path in self._walk():
+            yield Snapshot(name, digest, Path(path))
+
+    def _walk(self) -> Iterator[tuple[str, str, str]]:
+        """(name, digest, path) of every published snapshot, lazily, in plain strings: at
+        10,000 snapshots a `Path` and an `is_file` per snapshot were most of a collection."""
+        for first in _subdir_entries(os.fspath(self.root)):
             if first.name in (STAGING, SOURCES):
                 continue
-            for second in _subdirs(first):
+            for second in _subdir_entries(first.path):
                 # `org/<32 hex chars>` is a valid adapter name too: a snapshot is told apart
                 # from a name folder by what it holds.
-                if _DIGEST.fullmatch(second.name) and (second / CONFIG_FILE).is_file():
-                    yield Snapshot(first.name, second.name, second)
+                if _DIGEST.fullmatch(second.name) and os.path.isfile(
+                    f"{second.path}/{CONFIG_FILE}"
+                ):
+                    yield first.name, second.name, second.path
                     continue
-                for third in _subdirs(second):
+                for third in _subdir_entries(second.path):
                     if _DIGEST.fullmatch(third.name):
-                        yield Snapshot(f"{first.name}/{second.name}", third.name, third)
+                        yield f"{first.name}/{second.name}", third.name, third.path
 
     def collect(
         self, keep: Iterable[Path], *, grace: float = 0.0, staging_age: float = 3600.0
     ) -> list[Path]:
         """Remove snapshots not in `keep` and made more than `grace` seconds ago (the plugin
         may be about to hand a new one to vLLM), and stale staging dirs; return what went."""
-        kept = {Path(os.path.normpath(p)) for p in keep}
+        kept = {os.path.normpath(p) for p in keep}
         removed = []
         left: set[str] = set()  # names that still have a snapshot
         now = time.time()
         # Lazily: each level is listed before anything in it is removed, and a list of every
         # snapshot was ~10 MB at 10,000.
-        for snap in self.existing():
-            if snap.path in kept or _younger(snap.path, now - grace):
-                left.add(snap.name)
+        for name, _, path in self._walk():
+            if path in kept or _younger(path, now - grace):
+                left.add(name)
                 continue
-            _discard(snap.path, self.root / STAGING)
-            removed.append(snap.path)
+            snap = Path(path)
+            _discard(snap, self.root / STAGING)
+            removed.append(snap)
             with contextlib.suppress(OSError):
-                snap.path.parent.rmdir()  # only succeeds once the name has no snapshot left
-                if snap.path.parent.parent != self.root:
-                    snap.path.parent.parent.rmdir()
+                snap.parent.rmdir()  # only succeeds once the name has no snapshot left
+                if snap.parent.parent != self.root:
+                    snap.parent.parent.rmdir()
         self._forget_records(keeping=left, now=now)
         staging = self.root / STAGING
         for leftover in _subdirs(staging):
@@ -289,17 +368,21 @@ class SnapshotStore:
                     path.unlink()
 
 
-def _younger(path: Path, than: float) -> bool:
+def _younger(path: str, than: float) -> bool:
     try:
-        return path.stat().st_ctime >= than
+        return os.stat(path).st_ctime >= than
     except OSError:
         return True  # cannot tell: keep it for now
 
 
 def _subdirs(path: Path) -> list[Path]:
+    return [Path(e.path) for e in _subdir_entries(os.fspath(path))]
+
+
+def _subdir_entries(path: str) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
-            return [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+            return [e for e in it if e.is_dir(follow_symlinks=False)]
     except OSError:
         return []
 
@@ -333,45 +416,135 @@ def _open_source(folder: Path, f: FileStat) -> int:
     return fd
 
 
-def _digest(folder: Path, files: tuple[FileStat, ...]) -> str:
-    """Content digest of the files vLLM reads (names and bytes, in a fixed order)."""
+def _copy(folder: Path, files: tuple[FileStat, ...], dest: Path) -> str:
+    """Copy the files into `dest`, reading each source once, and return the digest of
+    what was written. Raises `SnapshotError(SOURCE_CHANGED)` when a source file is not
+    the one inspected, or changed while it was read."""
     h = hashlib.sha256()
+    dest_dev = os.stat(dest).st_dev
     for f in sorted(files, key=lambda x: x.name):
         fd = _open_source(folder, f)
         try:
+            before = os.fstat(fd)
+            out = os.open(dest / f.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                h.update(f"{f.name}\0{f.size}\0".encode())
+                written = _copy_file(
+                    fd, out, f.size, h, clone=(before.st_dev, dest_dev) not in _NO_CLONE_PAIRS
+                )
+                if written < 0:
+                    _NO_CLONE_PAIRS.add((before.st_dev, dest_dev))
+            finally:
+                os.close(out)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if abs(written) != f.size or _identity(after) != _identity(before):
+            raise SnapshotError(
+                SnapshotReason.SOURCE_CHANGED, "the adapter changed while it was being copied"
+            )
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    # ctime too: a write that keeps size and mtime (or resets mtime) still moves it.
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _copy_file(src: int, dst: int, size: int, h: hashlib._Hash, *, clone: bool) -> int:
+    """Copy `size` bytes from `src` to `dst`, feeding what `dst` holds to `h`; return the
+    number of bytes copied, negative when a clone was tried and the filesystem refused it."""
+    refused = False
+    if clone and size:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+        except OSError as err:
+            if err.errno not in _NO_CLONE:
+                raise
+            refused = True
+        else:
+            # The clone shares the source's extents; hash what it holds (the source could
+            # change after the clone, the clone cannot).
+            return _hash_fd(dst, h)
+    copied = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while n := os.readv(src, [buf]):
+        chunk = view[:n]
+        h.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(dst, chunk) :]
+        copied += n
+    return -copied if refused else copied
+
+
+def _hash_fd(fd: int, h: hashlib._Hash) -> int:
+    size = os.fstat(fd).st_size
+    if size:
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+            h.update(mapped)
+    return size
+
+
+def _hash_folder(folder: Path, files: Iterable[FileStat]) -> str:
+    """The digest of a published snapshot's files, as `SnapshotStore._copy` computes it."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda x: x.name):
+        fd = os.open(folder / f.name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
             h.update(f"{f.name}\0{f.size}\0".encode())
-            while chunk := os.read(fd, _CHUNK):
-                h.update(chunk)
+            _hash_fd(fd, h)
         finally:
             os.close(fd)
     return h.hexdigest()[:DIGEST_CHARS]
 
 
-def _copy(folder: Path, files: tuple[FileStat, ...], dest: Path) -> str:
-    """Copy the files into `dest` (fsynced), returning the digest of what was written."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda x: x.name):
-        fd = _open_source(folder, f)
+def _regular_files(folder: Path) -> list[FileStat]:
+    with os.scandir(folder) as it:
+        return [
+            FileStat(e.name, 0, 0, 0)
+            for e in it
+            if e.is_file(follow_symlinks=False) and e.name != MARKER
+        ]
+
+
+def _fsync_files(folder: Path, files: Iterable[FileStat]) -> None:
+    for f in files:
+        fd = os.open(folder / f.name, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            out = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                h.update(f"{f.name}\0{f.size}\0".encode())
-                while chunk := os.read(fd, _CHUNK):
-                    h.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view) :]
-                os.fsync(out)
-            finally:
-                os.close(out)
+            os.fsync(fd)
         finally:
             os.close(fd)
-    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def _mark(snapshot: Path) -> None:
+    os.close(os.open(snapshot / MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))
+
+
+def _syncfs(path: Path) -> bool:
+    """`syncfs(2)` on the filesystem holding `path`; False when the C library lacks it."""
+    func = getattr(_LIBC, "syncfs", None)
+    if func is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if func(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+    return True
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # no C library to ask (a static build): fsync file by file
+    _LIBC = None
 
 
 def _hold(folder: Path) -> int:
