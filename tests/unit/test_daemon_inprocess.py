@@ -504,10 +504,10 @@ async def test_intake_takes_hints_and_one_failing_folder_does_not_stop_the_other
     daemon = make_daemon()
     real_check = daemon.store.create
 
-    def flaky(adapter: Any, rules: Any) -> Snapshot:
+    def flaky(adapter: Any, rules: Any, **kwargs: Any) -> Snapshot:
         if adapter.name == "bad":
             raise RuntimeError("boom")
-        return real_check(adapter, rules)
+        return real_check(adapter, rules, **kwargs)
 
     monkeypatch.setattr(daemon.store, "create", flaky)
     write_adapter(cache / "bad")
