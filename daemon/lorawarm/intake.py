@@ -32,7 +32,17 @@ from lorawarm.settings import Settings
 from lorawarm.settle import Fingerprint, Settler, fingerprint, fingerprint_of
 from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotReason, SnapshotStore
 from lorawarm.verdicts import VerdictMemory, stat_key
-from lorawarm.watcher import Hint, Hints, Watcher, is_org, resolve_hint, scan
+from lorawarm.watcher import (
+    Hint,
+    Hints,
+    Stamp,
+    Watcher,
+    changed_stamps,
+    dir_stamps,
+    is_org,
+    resolve_hint,
+    scan,
+)
 
 log = get_logger(__name__)
 
@@ -41,6 +51,9 @@ T = TypeVar("T")
 
 # Folders inspected and snapshotted per thread call during a rescan.
 RESCAN_BATCH = 64
+# While inotify watches every folder, only every FULL_RESCAN_EVERY-th periodic rescan reads
+# every folder; the others compare directory stamps and look only where one changed.
+FULL_RESCAN_EVERY = 5
 
 # What `Intake._check` found: the inspection, then the snapshot (or why there is none).
 Checked = tuple[Result, Snapshot | SnapshotError | None]
@@ -90,6 +103,7 @@ class Intake:
         self._root_id: tuple[int, int] | None = None
         self._drop_dir_probe: asyncio.Task[None] | None = None
         self._stopping = threading.Event()
+        self._stamps: dict[str, Stamp] | None = None  # directory stamps of the last look
 
     @property
     def watcher(self) -> Watcher | None:
@@ -131,9 +145,34 @@ class Intake:
         self.hints.put(Hint(()))
 
     async def _resync_loop(self) -> None:
+        """Every `resync_seconds` a rescan: a full one every `FULL_RESCAN_EVERY`-th time, and
+        always when events cannot be trusted (polling, no observer, a folder left unwatched);
+        otherwise a light one. An inotify queue overflow asks for a full one at once."""
+        count = 0
         while True:
             await asyncio.sleep(self.resync_seconds)
-            self.rescan_soon()
+            count += 1
+            watcher = self._watcher
+            if count % FULL_RESCAN_EVERY == 0 or watcher is None or not watcher.trusted:
+                self.rescan_soon()
+            else:
+                await self.rescan_changed()
+
+    async def rescan_changed(self) -> None:
+        """The light rescan: hint every folder whose directory stamp changed since the last
+        look (a folder or file created, removed or renamed in it, the root included). A file
+        rewritten in place moves no directory stamp: the next full rescan finds it."""
+        orgs = {n.split("/", 1)[0] for n in self.catalog.names() if "/" in n}
+        stamps = await asyncio.to_thread(dir_stamps, self.root, orgs)
+        before, self._stamps = self._stamps, stamps
+        if before is None:
+            return
+        tracked = {k.split("/", 1)[0] for k in before if "/" in k}
+        for key in changed_stamps(before, stamps):
+            org, _, child = key.partition("/")
+            if child and org not in tracked and before.get(org) == stamps.get(org):
+                continue  # an org first stamped now (the start-up scan knew no orgs yet)
+            self.hints.put(Hint(tuple(key.split("/"))))
 
     # -- the drop directory -----------------------------------------------------------------
     def _watch_drop_dir(self) -> bool:
@@ -221,7 +260,8 @@ class Intake:
         """Re-read the whole drop directory (level-triggered: catches any lost event)."""
         if not self._watch_drop_dir():
             return
-        found = await asyncio.to_thread(scan, self.root)
+        orgs = {n.split("/", 1)[0] for n in self.catalog.names() if "/" in n}
+        self._stamps, found = await asyncio.to_thread(_stamps_and_scan, self.root, orgs)
         for name in sorted(self.catalog.names() - set(found)):
             await self._isolated(name, self.refresh(name))
         # Batched: one thread call reads every fingerprint, and the folders due for inspection
@@ -478,6 +518,14 @@ def _succeed(done: asyncio.Future[T], result: T) -> None:
 def _fail(done: asyncio.Future[T], error: Exception) -> None:
     if not done.done():
         done.set_exception(error)
+
+
+def _stamps_and_scan(
+    root: Path, orgs: set[str]
+) -> tuple[dict[str, Stamp], dict[str, list[os.DirEntry[str]] | None]]:
+    # The stamps first: a change made while the scan runs differs from them at the next look.
+    stamps = dir_stamps(root, orgs)
+    return stamps, scan(root)
 
 
 def _kind(checked: Checked) -> str:
