@@ -35,6 +35,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,6 +105,11 @@ class SnapshotStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = Path(os.path.abspath(state_dir)) / "snapshots"
+        # Snapshots published here with `durable=False` and not synced yet, with the flock
+        # held on each since it was a staging folder: another user that finds one unmarked
+        # sees the lock and knows a live writer is syncing it (no need to verify its bytes).
+        self._unsynced: dict[Path, int] = {}
+        self._unsynced_lock = threading.Lock()
 
     def path_for(self, name: str, digest: str) -> Path:
         return self.root / name / digest
@@ -163,6 +169,9 @@ class SnapshotStore:
             final = self.path_for(adapter.name, digest)
             if not self._usable(final, adapter.files, digest, durable=durable):
                 self._publish(tmp, final, adapter.files, digest, durable=durable)
+                if not durable and not tmp.exists():  # ours is the published one
+                    with self._unsynced_lock:
+                        self._unsynced[final], lock = lock, -1
         except SnapshotError:
             _remove(tmp)
             raise
@@ -214,8 +223,16 @@ class SnapshotStore:
             return False
         if os.path.exists(final / MARKER):
             return True
-        # Published but not known to be on disk: its writer has not synced it yet, or a crash
-        # came first and the files may hold anything. Their content decides.
+        try:
+            if _held(final):  # a live writer published it whole and is about to sync it
+                if durable:
+                    _fsync_files(final, files)
+                    _mark(final)
+                return True
+        except OSError:
+            return False
+        # Published but not known to be on disk, and nobody is syncing it: its writer died
+        # first (a crash may have left anything in the files). Their content decides.
         try:
             if _hash_folder(final, files) != digest:
                 return False
@@ -231,18 +248,22 @@ class SnapshotStore:
         filesystem for a batch (where the C library has it), an fsync of each file for a
         single one, then their markers. Best effort: a snapshot left unmarked is verified at
         its next use."""
-        pending = [s.path for s in snapshots if not os.path.exists(s.path / MARKER)]
-        if not pending:
-            return
+        paths = [s.path for s in snapshots]
+        pending = [p for p in paths if not os.path.exists(p / MARKER)]
         try:
-            if len(pending) == 1 or not _syncfs(self.root):
+            if len(pending) == 1 or (pending and not _syncfs(self.root)):
                 for path in pending:
                     _fsync_files(path, _regular_files(path))
         except OSError:
-            return
+            pending = []  # left unmarked (and unlocked below): verified at their next use
         for path in pending:
             with contextlib.suppress(OSError):
                 _mark(path)
+        with self._unsynced_lock:
+            locks = [self._unsynced.pop(p, -1) for p in paths]
+        for fd in locks:
+            if fd >= 0:
+                os.close(fd)
 
     def _source_record(self, name: str) -> Path:
         return self.root / SOURCES / quote(name, safe="")
@@ -557,6 +578,21 @@ def _hold(folder: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _held(folder: Path) -> bool:
+    """True when someone holds the folder's flock (a writer that has not synced it yet)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _abandoned(folder: Path) -> bool:

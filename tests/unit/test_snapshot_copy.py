@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lorawarm import snapshot as snapshot_module
 from lorawarm.inspection import Rules, Valid, inspect_adapter
 from lorawarm.snapshot import MARKER, SnapshotStore
 from tests.unit.adapters import BASE_MODEL, SAFETENSORS, lora_tensors, write_adapter
@@ -113,24 +115,62 @@ def test_without_durability_the_marker_waits_for_sync(tmp_path: Path) -> None:
     assert all((s.path / MARKER).is_file() for s in snaps)
 
 
-def test_an_unmarked_snapshot_is_verified_before_it_is_used(tmp_path: Path) -> None:
-    """An unmarked snapshot whose bytes still match its digest is reused (and marked); one
-    whose bytes differ (a crash before they reached the disk) is remade, never handed out."""
-    drop = tmp_path / "drop"
-    store = SnapshotStore(tmp_path / "state")
-    adapter = small_adapter(drop)
-    intact = store.create(adapter, RULES, durable=False)
-    again = SnapshotStore(tmp_path / "state").create(adapter, RULES)
-    assert again == intact
-    assert (intact.path / MARKER).is_file()
+def create_and_die(drop: Path, state: Path) -> None:
+    """Publish a snapshot of `drop/x` without syncing it, in a process that then exits at
+    once: its writer is gone, nobody will write its marker."""
+    code = (
+        "import os, sys; from pathlib import Path; "
+        "from lorawarm.inspection import inspect_adapter; "
+        "from lorawarm.snapshot import SnapshotStore; "
+        "from tests.unit.test_snapshot_copy import RULES; "
+        "drop, state = Path(sys.argv[1]), Path(sys.argv[2]); "
+        "v = inspect_adapter(drop / 'x', root=drop, rules=RULES); "
+        "SnapshotStore(state).create(v, RULES, durable=False); os._exit(0)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code, str(drop), str(state)], check=True, env=env)
 
-    (intact.path / MARKER).unlink()
-    weights = intact.path / SAFETENSORS
+
+def test_an_unmarked_snapshot_is_verified_before_it_is_used(tmp_path: Path) -> None:
+    """A snapshot whose writer died before syncing it is verified before it is used: reused
+    (and marked) when its bytes match its digest, remade when they differ (a crash before
+    they reached the disk), never handed out torn."""
+    drop, state = tmp_path / "drop", tmp_path / "state"
+    adapter = small_adapter(drop)
+    create_and_die(drop, state)
+    (published,) = SnapshotStore(state).existing()
+    assert not (published.path / MARKER).exists()
+    again = SnapshotStore(state).create(adapter, RULES)
+    assert again.path == published.path
+    assert (published.path / MARKER).is_file()
+
+    (published.path / MARKER).unlink()
+    weights = published.path / SAFETENSORS
     torn = bytearray(weights.read_bytes())
     torn[-8:] = b"\0" * 8
     weights.chmod(0o644)
     weights.write_bytes(bytes(torn))
-    remade = SnapshotStore(tmp_path / "state").create(adapter, RULES)
-    assert remade.path == intact.path
+    remade = SnapshotStore(state).create(adapter, RULES)
+    assert remade.path == published.path
     assert (remade.path / SAFETENSORS).read_bytes() == (adapter.path / SAFETENSORS).read_bytes()
     assert (remade.path / MARKER).is_file()
+
+
+def test_a_snapshot_being_synced_by_a_live_writer_is_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While its writer (the plugin, before its background sync) is alive, an unmarked
+    snapshot is used as it is: a second process does not hash it again."""
+    drop, state = tmp_path / "drop", tmp_path / "state"
+    adapter = small_adapter(drop)
+    writer = SnapshotStore(state)
+    made = writer.create(adapter, RULES, durable=False)
+    hashed: list[Path] = []
+    real = snapshot_module._hash_folder
+    monkeypatch.setattr(
+        snapshot_module, "_hash_folder", lambda p, f: hashed.append(p) or real(p, f)
+    )
+    assert SnapshotStore(state).create(adapter, RULES, durable=False) == made
+    assert hashed == []
+    writer.sync([made])
+    assert (made.path / MARKER).is_file()
