@@ -400,19 +400,21 @@ class Intake:
         if self._stopping.is_set():
             raise Stopped
         folder, name = record.source_path, record.name
-        result: Result | None = self.verdicts.recall(folder, name)
-        recalled = result is not None
-        if result is None:
-            key, inspected_ns = stat_key(folder, name), time.time_ns()
-            result = inspect_adapter(folder, root=self.root, rules=self.rules, name=name)
+        recalled = self.verdicts.recall(folder, name)
+        if recalled is not None:  # unchanged since it was inspected: no inspection, no read
+            valid, digest = recalled
+            found = self.store.find(valid, digest, durable=durable)
+            if found is not None:
+                return valid, found
+        key, inspected_ns = stat_key(folder, name), time.time_ns()
+        result = inspect_adapter(folder, root=self.root, rules=self.rules, name=name)
         if isinstance(result, Invalid):
             return result, None
         try:
             made = self.store.create(result, self.rules, durable=durable)
         except SnapshotError as err:
             return result, err
-        if not recalled:
-            self.verdicts.remember(result, key, inspected_ns=inspected_ns)
+        self.verdicts.remember(result, made.digest, key, inspected_ns=inspected_ns)
         return result, made
 
     def _check_all(self, records: list[AdapterRecord]) -> list[Checked]:

@@ -187,6 +187,14 @@ class SnapshotStore:
         self._remember(adapter, digest, started)
         return Snapshot(adapter.name, digest, final)
 
+    def find(self, adapter: Valid, digest: str, *, durable: bool = True) -> Snapshot | None:
+        """The published snapshot of `adapter` whose content digest is known to be `digest`
+        (a remembered verdict), or None when it must be made (`create`)."""
+        final = self.path_for(adapter.name, digest)
+        if self._usable(final, adapter.files, digest, durable=durable):
+            return Snapshot(adapter.name, digest, final)
+        return None
+
     def _publish(
         self, tmp: Path, final: Path, files: tuple[FileStat, ...], digest: str, *, durable: bool
     ) -> None:
@@ -221,7 +229,7 @@ class SnapshotStore:
         files = tuple(files)
         if not _complete(final, files):
             return False
-        if os.path.exists(final / MARKER):
+        if os.path.exists(f"{final}/{MARKER}"):
             return True
         try:
             if _held(final):  # a live writer published it whole and is about to sync it
@@ -272,12 +280,13 @@ class SnapshotStore:
         """The digest recorded for these very files (same inode, size, mtime and ctime), so
         that a restart or a new vLLM process does not read every adapter's weights again."""
         try:
-            record = json.loads(self._source_record(adapter.name).read_bytes())
+            with open(f"{self.root}/{SOURCES}/{quote(adapter.name, safe='')}", "rb") as f:
+                record = json.loads(f.read())
             files = {f.name: f for f in adapter.files}
             if sorted(record["files"]) != sorted(files):
                 return None
             for name, (size, mtime_ns, inode, ctime_ns) in record["files"].items():
-                st = os.stat(adapter.path / name)
+                st = os.stat(f"{adapter.path}/{name}")
                 seen = files[name]
                 if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (
                     size,
@@ -412,7 +421,9 @@ def _complete(path: Path, files: Iterable[FileStat]) -> bool:
     # Published by rename and removed by rename (`_discard`), so a snapshot directory is whole
     # unless something else broke it: check that every file is there at its size.
     try:
-        return path.is_dir() and all((path / f.name).stat().st_size == f.size for f in files)
+        # Strings, not Paths: this runs for every folder of a restart.
+        base = os.fspath(path)
+        return all(os.stat(f"{base}/{f.name}").st_size == f.size for f in files)
     except OSError:
         return False
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import os
+import re
 import stat
 import time
 import types
@@ -43,6 +45,7 @@ VERDICTS = "verdicts"  # below the state dir
 # every write (see the module docstring).
 STABLE_NS = 1_000_000_000
 _TMP = "%tmp-"  # never the start of a quoted name
+_DIGEST = re.compile(r"[0-9a-f]{32}")  # lorawarm.snapshot.DIGEST_CHARS hex characters
 
 StatKey = list[list[Any]]
 
@@ -90,31 +93,39 @@ class VerdictMemory:
     def _record(self, name: str) -> Path:
         return self.root / quote(name, safe="")
 
-    def recall(self, folder: Path, name: str) -> Valid | None:
-        """The verdict remembered for `folder` exactly as it is now, or None."""
+    def recall(self, folder: Path, name: str) -> tuple[Valid, str] | None:
+        """The verdict remembered for `folder` exactly as it is now, with the digest of its
+        snapshot (the files' content, which has not changed either), or None."""
         try:
-            doc = json.loads(self._record(name).read_bytes())
+            with open(f"{self.root}/{quote(name, safe='')}", "rb") as f:
+                doc = json.loads(f.read())
             if doc["context"] != self.context:
                 return None
             key = stat_key(folder, name)
             if key is None or doc["stat"] != key:
                 return None
             valid = from_json(Valid, doc["verdict"])
+            digest = doc["digest"]
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
         if not isinstance(valid, Valid) or valid.name != name or valid.path != folder:
             return None
-        return valid
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            return None
+        return valid, digest
 
-    def remember(self, valid: Valid, key: StatKey | None, *, inspected_ns: int) -> None:
-        """Record `valid`, reached from a folder whose stat was `key` before it was inspected
-        at `inspected_ns` (wall clock); nothing when the folder changed since or may have
-        changed unseen. Best effort: a full or read-only state dir only costs inspections."""
+    def remember(
+        self, valid: Valid, digest: str, key: StatKey | None, *, inspected_ns: int
+    ) -> None:
+        """Record `valid` and its snapshot's `digest`, reached from a folder whose stat was
+        `key` before it was inspected at `inspected_ns` (wall clock); nothing when the folder
+        changed since or may have changed unseen. Best effort: a full or read-only state dir
+        only costs inspections."""
         if key is None or _newest_ctime(key) >= inspected_ns - STABLE_NS:
             return
         if stat_key(valid.path, valid.name) != key:
             return
-        doc = {"context": self.context, "stat": key, "verdict": to_json(valid)}
+        doc = {"context": self.context, "stat": key, "verdict": to_json(valid), "digest": digest}
         record = self._record(valid.name)
         tmp = record.with_name(f"{_TMP}{os.getpid()}-{record.name}")
         try:
@@ -163,6 +174,14 @@ def _context(rules: Rules) -> str:
     )
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """A dataclass's resolved annotations and its init fields (resolving them is slow: a
+    restart decodes 10,000 verdicts)."""
+    hints = typing.get_type_hints(cls)
+    return hints, frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+
+
 def _schema(cls: type) -> Any:
     """The fields of a dataclass and of the dataclasses inside it, with their types."""
     hints = typing.get_type_hints(cls)
@@ -204,53 +223,92 @@ def to_json(value: Any) -> Any:
 def from_json(tp: Any, data: Any) -> Any:
     """The inverse of `to_json`, led by the type annotations; raises TypeError/ValueError/
     KeyError on anything that does not fit."""
+    return _decoder(tp)(data)
+
+
+Decoder = typing.Callable[[Any], Any]
+
+
+@functools.cache
+def _decoder(tp: Any) -> Decoder:
+    """A decoding function for `tp`, built once per type from its annotations (interpreting
+    them for every verdict made recalling slower than inspecting)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return data
+        return lambda data: data
     if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            with contextlib.suppress(TypeError, ValueError, KeyError, AttributeError):
-                return from_json(arg, data)
-        raise TypeError(f"no member of {tp} fits")
+        members = [_decoder(a) for a in args]
+
+        def union(data: Any) -> Any:
+            for member in members:
+                with contextlib.suppress(TypeError, ValueError, KeyError, AttributeError):
+                    return member(data)
+            raise TypeError(f"no member of {tp} fits")
+
+        return union
     if tp is type(None):
-        if data is not None:
-            raise TypeError("not None")
-        return None
+
+        def none(data: Any) -> None:
+            if data is not None:
+                raise TypeError("not None")
+
+        return none
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(data, dict):
-            raise TypeError(f"{tp.__name__} is not an object")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp) if f.init]
-        if set(data) != set(names):
-            raise KeyError(f"fields of {tp.__name__} differ")
-        return tp(**{n: from_json(hints[n], data[n]) for n in names})
+        cls = tp
+        hints, names = _fields(cls)
+        fields = [(n, _decoder(hints[n])) for n in names]
+
+        def instance(data: Any) -> Any:
+            if not isinstance(data, dict):
+                raise TypeError(f"{cls.__name__} is not an object")
+            if data.keys() != names:
+                raise KeyError(f"fields of {cls.__name__} differ")
+            return cls(**{n: decode(data[n]) for n, decode in fields})
+
+        return instance
     if origin is tuple:
-        if not isinstance(data, list):
-            raise TypeError("not a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(from_json(args[0], v) for v in data)
-        if len(args) != len(data):
-            raise ValueError("wrong length")
-        return tuple(from_json(a, v) for a, v in zip(args, data, strict=True))
+            item = _decoder(args[0])
+            return lambda data: tuple(item(v) for v in _list(data))
+        items = [_decoder(a) for a in args]
+
+        def fixed(data: Any) -> tuple[Any, ...]:
+            if len(_list(data)) != len(items):
+                raise ValueError("wrong length")
+            return tuple(d(v) for d, v in zip(items, data, strict=True))
+
+        return fixed
     if origin in (list, frozenset, set):
-        if not isinstance(data, list):
-            raise TypeError("not a list")
-        items = [from_json(args[0] if args else Any, v) for v in data]
-        return items if origin is list else origin(items)
+        item = _decoder(args[0] if args else Any)
+        kind = origin
+        return lambda data: kind(item(v) for v in _list(data))
     if origin is dict:
-        if not isinstance(data, list):
-            raise TypeError("not a list of pairs")
-        k, v = args or (Any, Any)
-        return {from_json(k, pair[0]): from_json(v, pair[1]) for pair in data}
+        key, value = (_decoder(a) for a in (args or (Any, Any)))
+        return lambda data: {key(pair[0]): value(pair[1]) for pair in _list(data)}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(data)
+        return tp
     if tp is Path:
-        if not isinstance(data, str):
-            raise TypeError("not a path")
-        return Path(data)
+
+        def path(data: Any) -> Path:
+            if not isinstance(data, str):
+                raise TypeError("not a path")
+            return Path(data)
+
+        return path
     if tp in (bool, int, float, str):
-        if type(data) is not tp and not (tp is float and type(data) is int):
-            raise TypeError(f"not a {tp.__name__}")
-        return data
+        scalar = tp
+
+        def plain(data: Any) -> Any:
+            if type(data) is not scalar and not (scalar is float and type(data) is int):
+                raise TypeError(f"not a {scalar.__name__}")
+            return data
+
+        return plain
     raise TypeError(f"cannot recall a {tp!r}")
+
+
+def _list(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        raise TypeError("not a list")
+    return data

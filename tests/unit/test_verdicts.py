@@ -19,6 +19,7 @@ from tests.unit.adapters import BASE_MODEL, CONFIG, SAFETENSORS, write_adapter
 from tests.unit.conftest import MakeDaemon
 
 RULES = Rules(max_lora_rank=16, base_model=BASE_MODEL)
+DIGEST = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def remembered(root: Path, state: Path, name: str = "x", rules: Rules = RULES) -
     key, at = stat_key(folder, name), time.time_ns()
     result = inspect_adapter(folder, root=root, rules=rules, name=name)
     assert isinstance(result, Valid), result
-    VerdictMemory(state, rules).remember(result, key, inspected_ns=at)
+    VerdictMemory(state, rules).remember(result, DIGEST, key, inspected_ns=at)
     return result
 
 
@@ -46,7 +47,7 @@ def test_an_unchanged_folder_is_recalled_after_a_restart(
     inspection reached."""
     write_adapter(cache / name)
     verdict = remembered(cache, state, name)
-    assert VerdictMemory(state, RULES).recall(cache / name, name) == verdict
+    assert VerdictMemory(state, RULES).recall(cache / name, name) == (verdict, DIGEST)
 
 
 def test_files_written_just_now_are_not_remembered(cache: Path, state: Path) -> None:
