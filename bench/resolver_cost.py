@@ -154,7 +154,7 @@ async def in_process(
     folder = Path(shutil.copytree(source, drop / name))
     # Digests (and verdicts) are remembered only for files whose ctime is over a second old
     # (lorawarm.snapshot.STABLE_NS): the "new process" case is a restart, long after the copy.
-    time.sleep(1.2)
+    await asyncio.sleep(1.2)
     base = str(model)
     rules = Rules(max_lora_rank=max_rank)
     series: dict[str, list[float]] = {}
