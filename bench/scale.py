@@ -187,10 +187,19 @@ def measure_size(
     codes: list[tuple[str, Path | None]] = [("after", None)]
     if args.before is not None:
         codes.insert(0, ("before", args.before))
-    return [
-        measure_code(ctx, args, base, drop, size, client, setup, label, tree)
-        for label, tree in codes
-    ]
+    results = []
+    for label, tree in codes:
+        results.append(measure_code(ctx, args, base, drop, size, client, setup, label, tree))
+        # The next tree's daemon has snapshots of its own: the names this one loaded would be
+        # taken (by another snapshot directory) and left alone.
+        unload_all(client, ctx.url)
+    return results
+
+
+def unload_all(client: httpx.Client, url: str) -> None:
+    """Unload every LoRA adapter the server lists."""
+    for name in listed(client, url):
+        client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name})
 
 
 def measure_code(
@@ -226,7 +235,7 @@ def measure_code(
             pid = daemon.process.pid
             figures[f"{phase}_rss_at_ready_mb"] = memory_kib(pid)["VmRSS"] / 1024
             print(
-                f"{size} folders, {phase}: ready after {samples[phase][-1][0]:.2f} s "
+                f"{size} folders, {label}, {phase}: ready after {samples[phase][-1][0]:.2f} s "
                 f"(daemon's scan {samples[phase][-1][1]:.2f} s)",
                 flush=True,
             )
