@@ -495,9 +495,11 @@ def _copy_file(src: int, dst: int, size: int, h: hashlib._Hash, *, clone: bool) 
                 raise
             refused = True
         else:
-            # The clone shares the source's extents; hash what it holds (the source could
-            # change after the clone, the clone cannot).
-            return _hash_fd(dst, h)
+            # The clone shares the source's extents but not its page cache: hash the source,
+            # which a fresh publish has in memory (the clone would be read from the disk).
+            # The caller's fstat of the source before and after (ctime included) proves that
+            # nothing wrote it meanwhile, so the clone holds exactly the bytes hashed.
+            return _hash_fd(src, h)
     copied = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
