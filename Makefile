@@ -31,11 +31,12 @@ systemd-analyze:
 		(echo "== systemd-analyze is missing: installing systemd with apt-get (needs root)" && \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd)
 
-# The snapshot tests clone files on a loop-mounted XFS image (reflink=1); install xfsprogs.
+# The snapshot tests clone files on a loop-mounted XFS image (reflink=1) and look at shared
+# extents with filefrag; install xfsprogs (and e2fsprogs, which has filefrag).
 xfsprogs:
-	command -v mkfs.xfs >/dev/null || \
-		(echo "== mkfs.xfs is missing: installing xfsprogs with apt-get (needs root)" && \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q xfsprogs)
+	(command -v mkfs.xfs && command -v filefrag) >/dev/null || \
+		(echo "== mkfs.xfs or filefrag is missing: installing xfsprogs e2fsprogs with apt-get (needs root)" && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q xfsprogs e2fsprogs)
 
 test: lint typecheck systemd-analyze xfsprogs
 	@echo "== running pytest: it starts real vLLM servers on CPU, the longest step"
