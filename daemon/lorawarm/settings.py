@@ -193,7 +193,10 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         le=86400,
-        description="Full rescan of the drop directory and of every server's adapters.",
+        description="Rescan of the drop directory and of every server's adapters. While "
+        "inotify watches every folder, four rescans in five only look where a directory "
+        "changed and the fifth reads every folder; with polling, every rescan reads every "
+        "folder.",
     )
     warm_limit: int | None = Field(
         default=None,

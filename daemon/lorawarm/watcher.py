@@ -34,10 +34,10 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from lorawarm.inotify import TwoLevelInotify
 from lorawarm.logs import get_logger
 
 log = get_logger(__name__)
@@ -177,7 +177,8 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    """Runs a watchdog observer on the drop directory, feeding hints to an asyncio queue.
+    """Watches the drop directory, feeding hints to an asyncio queue: the two-level inotify
+    watch (`lorawarm.inotify`), or watchdog's polling observer (network filesystems).
 
     A context manager: the observer thread is stopped and joined on exit.
     """
@@ -195,13 +196,17 @@ class Watcher:
         self.polling = polling
         self._poll_seconds = poll_seconds
         self._observer: BaseObserver | None = None
+        self._inotify: TwoLevelInotify | None = None
 
     def start(self) -> None:
         """Start the observer thread. Raises OSError when the kernel refuses (inotify:
         ENOSPC for the watch limit, EMFILE for the instance limit); nothing is left running."""
-        observer: BaseObserver = (
-            PollingObserver(timeout=self._poll_seconds) if self.polling else Observer()
-        )
+        if not self.polling:
+            inotify = TwoLevelInotify(self._root, self._deliver)
+            inotify.start()
+            self._inotify = inotify
+            return
+        observer: BaseObserver = PollingObserver(timeout=self._poll_seconds)
         observer.schedule(
             _Handler(self._root, self._hints.put),
             str(self._root),
@@ -217,7 +222,21 @@ class Watcher:
             raise
         self._observer = observer
 
+    def _deliver(self, parts: tuple[str, ...], is_dir: bool, published: bool) -> None:
+        """An inotify event at `parts` below the root, as a hint (in the reader thread)."""
+        del is_dir  # the hint is the same for files and folders
+        hint = (
+            Hint(())
+            if not parts
+            else hint_for(self._root, os.path.join(self._root, *parts), published=published)
+        )
+        if hint is not None:
+            self._hints.put(hint)
+
     def stop(self) -> None:
+        if self._inotify is not None:
+            self._inotify.stop()
+            self._inotify = None
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
@@ -225,7 +244,24 @@ class Watcher:
 
     @property
     def alive(self) -> bool:
+        if self._inotify is not None:
+            return self._inotify.is_alive()
         return self._observer is not None and self._observer.is_alive()
+
+    @property
+    def overflows(self) -> int:
+        """Kernel queue overflows so far (events lost): each asks for a full rescan."""
+        return self._inotify.overflows if self._inotify is not None else 0
+
+    @property
+    def trusted(self) -> bool:
+        """True while every change reaches us as an event: inotify running with every
+        folder watched. Then the periodic rescan may look only where directories changed."""
+        return (
+            self._inotify is not None
+            and self._inotify.is_alive()
+            and self._inotify.missed_watches == 0
+        )
 
     def __enter__(self) -> Watcher:
         self.start()
@@ -258,6 +294,44 @@ def scan(root: Path) -> dict[str, list[os.DirEntry[str]] | None]:
         else:
             found[top.name] = listing
     return found
+
+
+# What the light rescan compares per folder: a directory's mtime and ctime move whenever an
+# entry in it is created, removed or renamed (and ctime on a chmod), its inode when it is
+# replaced.
+Stamp = tuple[int, int, int, int]
+
+
+def dir_stamps(root: Path, orgs: set[str]) -> dict[str, Stamp]:
+    """`lstat` data of every visible entry of `root` and of every folder inside the `orgs`
+    folders: a listing of the root, one of each org, and one `lstat` per entry; no listing of
+    adapter folders. Two calls differ where a directory changed (see `Stamp`)."""
+    stamps: dict[str, Stamp] = {}
+    base = os.fspath(root)
+    for entry in _entries(root):
+        if entry.name.startswith("."):
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            stamps[entry.name] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+            if entry.name in orgs:
+                for child in _entries(Path(f"{base}/{entry.name}")):
+                    if child.name.startswith("."):
+                        continue
+                    with contextlib.suppress(OSError):
+                        c = child.stat(follow_symlinks=False)
+                        stamps[f"{entry.name}/{child.name}"] = (
+                            c.st_ino,
+                            c.st_mtime_ns,
+                            c.st_ctime_ns,
+                            c.st_mode,
+                        )
+    return stamps
+
+
+def changed_stamps(before: dict[str, Stamp], after: dict[str, Stamp]) -> list[str]:
+    """Keys (`name`, `org`, `org/name`) that appeared, went, or whose stamp differs."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def resolve_hint(root: Path, hint: Hint) -> list[str] | None:

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from bench.common import BenchContext, summarize, vllm_context
 
-from bench import cold_start, drop_to_ready, endpoint_cost, first_request, resolver_cost, scale
+from bench import (
+    cold_start,
+    drop_to_ready,
+    endpoint_cost,
+    first_request,
+    resolver_cost,
+    scale,
+    startup_scan,
+)
 
 FIGURE = re.compile(r"\| [\d.]+ ms \|")
 
@@ -83,6 +91,22 @@ def test_first_request_runs(ctx: BenchContext, capsys: pytest.CaptureFixture[str
         assert f"| {way} | 1 |" in text, text
     assert "served from lorawarm snapshots: True" in text
     assert "resolver loads logged by vLLM: 4 " in text, text
+
+
+def test_startup_scan_runs_two_trees_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """startup_scan scans cold and restarted with two trees (here this one twice), prints both
+    and their ratios, and writes its figures."""
+    out = tmp_path / "figures.json"
+    here = Path(__file__).resolve().parents[2]
+    args = ["--sizes", "12", "--restarts", "1", "--before", str(here), "--json", str(out)]
+    assert startup_scan.main(args) == 0
+    text = capsys.readouterr().out
+    assert "| 12 | before |" in text, text
+    assert "| 12 | after |" in text, text
+    assert "after / before, same run:" in text, text
+    assert out.is_file()
 
 
 @pytest.mark.e2e

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -344,6 +345,72 @@ def test_lost_events_are_caught_up_by_the_rescan(
         shutil.rmtree(drop / "unseen")
         wait_for(lambda: p.adapter("unseen") is None, timeout=10, what="unseen to be removed")
         wait_for(lambda: loaded_on(vllm_http, "unseen") is None, timeout=10, what="unload")
+
+
+def test_events_lost_in_a_queue_overflow_are_caught_at_once(
+    dirs: tuple[Path, Path], vllm_http: FakeVllmHttp
+) -> None:
+    """More events than the kernel queues (the daemon stopped meanwhile) lose the publish of a
+    new adapter; the overflow makes the daemon rescan at once, long before its hourly resync."""
+    drop, _ = dirs
+    with daemon(dirs, vllm_http, resync_seconds="3600") as p:
+        assert p.process is not None
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        noise = [drop / "noise-a", drop / "noise-b"]
+        for f in noise:
+            f.write_text("")
+        os.kill(p.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: stopped(p.process.pid), timeout=5, what="the daemon to stop")
+            # Alternating files: identical consecutive events would be merged by the kernel.
+            for i in range(limit + 1000):
+                os.utime(noise[i % 2])
+            publish(drop, "lost")
+        finally:
+            os.kill(p.process.pid, signal.SIGCONT)
+        p.wait_state("lost", "loaded", timeout=15)
+        events = [e["event"] for e in log_events(p)]
+        assert "watch_queue_overflow" in events, p.log_text()[-3000:]
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped by a signal (every thread: nothing reads its inotify queue)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@contextlib.contextmanager
+def rewritten_through_mmap(path: Path, old: bytes, new: bytes) -> Iterator[None]:
+    """Replace `old` by `new` (same length) in place through a shared mapping, keeping the file
+    open meanwhile: inotify reports no event for writes made through mmap (inotify(7)), and the
+    IN_CLOSE_WRITE of closing it comes only when the block ends. The file's mtime moves."""
+    assert len(old) == len(new)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        at = mapped.find(old)
+        assert at >= 0
+        mapped[at : at + len(old)] = new
+        mapped.flush()
+        yield
+
+
+def test_an_unreported_rewrite_is_caught_within_the_full_rescan_bound(
+    dirs: tuple[Path, Path], vllm_http: FakeVllmHttp
+) -> None:
+    """A config rewritten in place through mmap raises no inotify event and moves no directory
+    stamp: the light rescans cannot see it, and the full rescan, every fifth resync, does
+    (the bound the README states: 5 x LORAWARM_RESYNC_SECONDS, plus the settle period)."""
+    drop, _ = dirs
+    resync, settle = 0.5, 0.5
+    with daemon(dirs, vllm_http, resync_seconds=str(resync), settle_seconds=str(settle)) as p:
+        publish(drop, "mapped", lora_alpha=16)
+        first = p.wait_state("mapped", "loaded", timeout=15)
+        time.sleep(0.05)  # past the filesystem's clock tick: the new mtime differs
+        config = drop / "mapped" / "adapter_config.json"
+        with rewritten_through_mmap(config, b'"lora_alpha": 16', b'"lora_alpha": 32'):
+            wait_for(
+                lambda: (d := p.adapter("mapped")) is not None and d["digest"] != first["digest"],
+                timeout=5 * resync + settle + 10,
+                what="the rewritten adapter to get its new snapshot",
+            )
 
 
 def test_polling_observer_sees_a_new_folder(

@@ -24,7 +24,7 @@ from lorawarm.catalog import AdapterState
 from lorawarm.collector import Collector, SnapshotUser
 from lorawarm.daemon import Daemon
 from lorawarm.settings import Settings, load
-from lorawarm.snapshot import Snapshot
+from lorawarm.snapshot import MARKER, Snapshot
 from lorawarm.watcher import Hint
 from tests.support.daemon_proc import LorawarmProcess, wait_for
 from tests.support.vllm_server import free_port
@@ -83,7 +83,7 @@ async def test_published_valid_adapter_gets_a_snapshot(
     assert record.validated_at is not None
     snap = snapshot_of(daemon, "a")
     assert snap.path.parent == state / "snapshots" / "a"
-    assert sorted(p.name for p in snap.path.iterdir()) == [CONFIG, SAFETENSORS]
+    assert sorted(p.name for p in snap.path.iterdir()) == [MARKER, CONFIG, SAFETENSORS]
     assert (snap.path / SAFETENSORS).read_bytes() == (cache / "a" / SAFETENSORS).read_bytes()
     assert daemon.states()[record.name] is AdapterState.PENDING
     assert daemon.reconcilers[0].desired() == [("a", str(snap.path))]
@@ -504,10 +504,10 @@ async def test_intake_takes_hints_and_one_failing_folder_does_not_stop_the_other
     daemon = make_daemon()
     real_check = daemon.store.create
 
-    def flaky(adapter: Any, rules: Any) -> Snapshot:
+    def flaky(adapter: Any, rules: Any, **kwargs: Any) -> Snapshot:
         if adapter.name == "bad":
             raise RuntimeError("boom")
-        return real_check(adapter, rules)
+        return real_check(adapter, rules, **kwargs)
 
     monkeypatch.setattr(daemon.store, "create", flaky)
     write_adapter(cache / "bad")

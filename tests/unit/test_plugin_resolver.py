@@ -172,7 +172,7 @@ async def test_deleted_snapshot_is_made_again(
     adapter(cache)
     first = await resolver.resolve_lora(MODEL, "a")
     assert first is not None
-    shutil.rmtree(first.lora_path)
+    assert SnapshotStore(state).collect([]) == [Path(first.lora_path)]  # as the daemon does
     again = await resolver.resolve_lora(MODEL, "a")
     assert again is not None
     assert again.lora_path == first.lora_path

@@ -13,7 +13,14 @@ import pytest
 
 from lorawarm import snapshot as snapshot_module
 from lorawarm.inspection import Rules, Valid, inspect_adapter
-from lorawarm.snapshot import DIGEST_CHARS, STAGING, Snapshot, SnapshotError, SnapshotStore
+from lorawarm.snapshot import (
+    DIGEST_CHARS,
+    MARKER,
+    STAGING,
+    Snapshot,
+    SnapshotError,
+    SnapshotStore,
+)
 from tests.unit.adapters import BASE_MODEL, CONFIG, SAFETENSORS, write_adapter
 
 RULES = Rules(max_lora_rank=16, base_model=BASE_MODEL)
@@ -60,7 +67,7 @@ def test_create_publishes_read_only_copy(root: Path, store: SnapshotStore, tmp_p
     assert snap.path == tmp_path / "state" / "snapshots" / "x" / snap.digest
     assert snap.path.is_absolute()
     assert (snap.name, len(snap.digest)) == ("x", DIGEST_CHARS)
-    assert sorted(os.listdir(snap.path)) == [CONFIG, SAFETENSORS]
+    assert sorted(os.listdir(snap.path)) == [MARKER, CONFIG, SAFETENSORS]
     for name in (CONFIG, SAFETENSORS):
         copied = snap.path / name
         assert copied.read_bytes() == (adapter.path / name).read_bytes()
@@ -144,25 +151,27 @@ def test_source_changed_after_inspection(
     assert list(store.existing()) == []
 
 
-def _after_digest(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
-    """Run `action` between the digest and the copy: the window a concurrent writer hits."""
-    original = snapshot_module._digest
+def _during_copy(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """Run `action` right after the weights' bytes were copied, before the source is looked at
+    again: the window a concurrent writer hits."""
+    original = snapshot_module._copy_file
 
-    def digest_then_act(folder: Path, files: tuple[snapshot_module.FileStat, ...]) -> str:
-        result = original(folder, files)
-        action()
-        return result
+    def copy_then_act(src: int, dst: int, size: int, h: object, *, clone: bool) -> int:
+        copied = original(src, dst, size, h, clone=clone)  # type: ignore[arg-type]
+        if size > 4096:  # the weights, not the config
+            action()
+        return copied
 
-    monkeypatch.setattr(snapshot_module, "_digest", digest_then_act)
+    monkeypatch.setattr(snapshot_module, "_copy_file", copy_then_act)
 
 
 def test_source_changed_during_copy(
     root: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file rewritten between digest and copy is `source_changed`; staging is cleaned up."""
+    """A file rewritten while it is copied is `source_changed`; staging is cleaned up."""
     adapter = valid(root)
     weights = adapter.path / SAFETENSORS
-    _after_digest(monkeypatch, lambda: weights.write_bytes(weights.read_bytes()[:-4]))
+    _during_copy(monkeypatch, lambda: weights.write_bytes(weights.read_bytes()[:-4]))
     with pytest.raises(SnapshotError) as caught:
         store.create(adapter, RULES)
     assert caught.value.reason == "source_changed"
@@ -172,12 +181,12 @@ def test_source_changed_during_copy(
 def test_same_stat_rewrite_during_copy_is_caught(
     root: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bytes changed with size and mtime kept are caught by the digest of the copy itself."""
+    """Bytes rewritten during the copy with size and mtime kept are caught (ctime moved)."""
     adapter = valid(root)
     weights = adapter.path / SAFETENSORS
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
-    _after_digest(monkeypatch, lambda: rewrite_keeping_stat(weights, bytes(data)))
+    _during_copy(monkeypatch, lambda: rewrite_keeping_stat(weights, bytes(data)))
     with pytest.raises(SnapshotError) as caught:
         store.create(adapter, RULES)
     assert caught.value.reason == "source_changed"
@@ -261,7 +270,7 @@ def test_two_threads_create_the_same_snapshot(
     assert results[0] == results[1]
     snap = results[0]
     assert isinstance(snap, Snapshot)
-    assert sorted(os.listdir(snap.path)) == [CONFIG, SAFETENSORS]
+    assert sorted(os.listdir(snap.path)) == [MARKER, CONFIG, SAFETENSORS]
     assert (snap.path / SAFETENSORS).read_bytes() == (adapter.path / SAFETENSORS).read_bytes()
     assert staging_entries(store) == []
     assert list(store.existing()) == [snap]
@@ -392,7 +401,7 @@ def test_a_half_removed_snapshot_is_rebuilt(
         (snap.path / name).unlink()
     again = store.create(adapter, RULES)
     assert again == snap
-    assert sorted(os.listdir(snap.path)) == sorted([CONFIG, SAFETENSORS])
+    assert sorted(os.listdir(snap.path)) == [MARKER, CONFIG, SAFETENSORS]
     assert (snap.path / SAFETENSORS).read_bytes() == (root / "x" / SAFETENSORS).read_bytes()
     assert staging_entries(store) == []
 
@@ -453,16 +462,16 @@ def inspected(root: Path, name: str = "x") -> Valid:
     return result
 
 
-def count_digests(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record every folder whose files are read for a digest."""
-    calls: list[Path] = []
-    original = snapshot_module._digest
+def count_digests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every source file read (copied and hashed) for a snapshot."""
+    calls: list[int] = []
+    original = snapshot_module._copy_file
 
-    def counting(folder: Path, files: tuple[snapshot_module.FileStat, ...]) -> str:
-        calls.append(folder)
-        return original(folder, files)
+    def counting(src: int, dst: int, size: int, h: object, *, clone: bool) -> int:
+        calls.append(size)
+        return original(src, dst, size, h, clone=clone)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(snapshot_module, "_digest", counting)
+    monkeypatch.setattr(snapshot_module, "_copy_file", counting)
     return calls
 
 
@@ -487,7 +496,7 @@ def test_files_written_just_now_are_read_again(
     snap = store.create(valid(root), RULES)
     reads = count_digests(monkeypatch)
     assert store.create(inspected(root), RULES) == snap
-    assert reads == [root / "x"]
+    assert len(reads) == 2  # the config and the weights, each read once
 
 
 @pytest.mark.usefixtures("settled")
@@ -526,7 +535,7 @@ def test_a_broken_record_means_a_digest(
     (store.root / snapshot_module.SOURCES / "x").write_bytes(record)
     reads = count_digests(monkeypatch)
     assert store.create(inspected(root), RULES) == snap
-    assert reads == [root / "x"]
+    assert len(reads) == 2  # the config and the weights, each read once
 
 
 @pytest.mark.usefixtures("settled")

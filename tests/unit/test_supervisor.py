@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from watchdog.observers import Observer
 
 from lorawarm import watcher as watcher_module
 from lorawarm.catalog import AdapterState
 from lorawarm.daemon import EX_SOFTWARE
+from lorawarm.inotify import TwoLevelInotify
 from lorawarm.settings import EX_CONFIG
 from lorawarm.status import create_app
 from tests.support.daemon_proc import LorawarmProcess, wait_for
@@ -86,11 +86,11 @@ async def test_watcher_that_cannot_start_falls_back_to_polling(
     """inotify refusing to watch (ENOSPC: the watch limit) is said once with what to raise,
     shown in /healthz, and the polling observer takes over: new folders are still taken."""
 
-    class Refusing(Observer):  # type: ignore[misc,valid-type]  # watchdog's platform alias
+    class Refusing(TwoLevelInotify):
         def start(self) -> None:
             raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(watcher_module, "Observer", Refusing)
+    monkeypatch.setattr(watcher_module, "TwoLevelInotify", Refusing)
     daemon = make_daemon(poll_seconds=0.05)
     await daemon.intake.rescan()
     await daemon.intake.rescan()

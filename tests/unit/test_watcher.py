@@ -448,3 +448,48 @@ async def test_start_that_fails_raises_and_leaves_nothing_running(
         watcher.start()
     assert not alive(watcher)
     watcher.stop()
+
+
+def inotify_watches() -> int:
+    """Inotify watches this process holds, as the kernel lists them (/proc/self/fdinfo)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                count += sum(line.startswith("inotify wd:") for line in info)
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.usefixtures("no_leaked_threads")
+async def test_inotify_watches_only_the_two_levels_that_hold_adapters(root: Path) -> None:
+    """Only the drop directory, its folders and theirs are watched: a tree 40 levels deep
+    inside an adapter costs one watch, not 40, also when it appears while watching; a new org
+    with an adapter in it is watched at once, and its adapter's files raise hints."""
+    deep = root / "a" / "sub"
+    for i in range(40):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    (root / ".staging.tmp" / "x").mkdir(parents=True)  # dot-folders are not watched
+    before = inotify_watches()
+    hints = Hints(asyncio.get_running_loop())
+    with Watcher(root, hints):
+        assert inotify_watches() - before == 3  # root, a, a/sub
+        later = root / "b" / "sub"
+        for i in range(40):
+            later = later / f"d{i}"
+        later.mkdir(parents=True)
+        await wait_hint(hints, Hint(("b",)))
+        (root / "org" / "x").mkdir(parents=True)
+        await wait_hint(hints, Hint(("org",)))
+        async with asyncio.timeout(5):
+            while inotify_watches() - before < 7:  # noqa: ASYNC110 - the kernel is polled; + b, b/sub, org, org/x
+                await asyncio.sleep(0.01)
+        (root / "org" / "x" / "adapter_config.json").write_text("{}")
+        await wait_hint(hints, Hint(("org", "x")))
+        await asyncio.sleep(0.1)
+        assert inotify_watches() - before == 7
+    assert inotify_watches() == before
