@@ -155,8 +155,14 @@ def test_daemon_adopts_what_the_plugin_loaded(
     adapters.copy_to(plugin.drop / "adopt-me", seed=9)
     assert completion(plugin.url, "adopt-me", "Hello world").status_code == 200
     root = lora_models(plugin.url)["adopt-me"]
-    # The daemon gets the plugin's checks: --model and the alias as accepted base models.
-    env = {"LORAWARM_BASE_MODEL": plugin.server.model, "LORAWARM_BASE_MODEL_ALIASES": ALIAS}
+    # The daemon gets the plugin's checks: --model and the alias as accepted base models. This
+    # engine keeps one adapter in memory, which would be the daemon's warm set: the override
+    # makes it warm every adapter, as before it learned that.
+    env = {
+        "LORAWARM_BASE_MODEL": plugin.server.model,
+        "LORAWARM_BASE_MODEL_ALIASES": ALIAS,
+        "LORAWARM_WARM_LIMIT": "8",
+    }
     with LorawarmProcess(plugin.drop, plugin.state, [plugin.url], env=env) as daemon:
         doc = daemon.wait_state("adopt-me", "loaded")
         assert doc["snapshot_path"] == root
@@ -164,7 +170,7 @@ def test_daemon_adopts_what_the_plugin_loaded(
         # A new adapter is warmed by the daemon; the plugin is not involved.
         adapters.copy_to(plugin.drop / "daemon-first", seed=10)
         daemon.wait_state("daemon-first", "loaded")
-        foreign = daemon.wait_state("foreign", "invalid")
+        foreign = daemon.wait_state("foreign", "incompatible")
         assert foreign["reason"] == "base_model_mismatch"
     assert lora_models(plugin.url)["adopt-me"] == root
     assert plugin.server.count_lora_loads("adopt-me") == 0
