@@ -15,7 +15,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import AdapterFactory
 from tests.support.browser import chromium
-from tests.support.daemon_proc import LorawarmProcess
+from tests.support.daemon_proc import LorawarmProcess, wait_for
 from tests.support.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
@@ -27,12 +27,20 @@ TOKEN = "page-token-0123456789"
 
 
 @pytest.fixture
-def drop(tmp_path: Path, adapters: AdapterFactory) -> Path:
+def names(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Adapter names of this test alone: the shared vLLM keeps every name it loaded, and a
+    name loaded by an earlier test's daemon is `name_taken` for this one."""
+    tag = request.node.name.removeprefix("test_page_")[:12].rstrip("_")
+    return {"good": f"{tag}-good", "big": f"{tag}-big", "late": f"{tag}-late"}
+
+
+@pytest.fixture
+def drop(tmp_path: Path, adapters: AdapterFactory, names: dict[str, str]) -> Path:
     """A drop directory with one good adapter, one whose rank is too large, one hostile name."""
     drop = tmp_path / "drop"
     drop.mkdir()
-    adapters.copy_to(drop / "page-good", seed=1)
-    adapters.copy_to(drop / "page-big", seed=2, r=32)
+    adapters.copy_to(drop / names["good"], seed=1)
+    adapters.copy_to(drop / names["big"], seed=2, r=32)
     adapters.copy_to(drop / HOSTILE, seed=1)
     return drop
 
@@ -110,22 +118,33 @@ def test_page_with_a_token_asks_for_it_and_keeps_it_out_of_urls(
     """With a status token the page asks for it, then shows the adapters; the token appears in
     no URL the browser visited and not in lorawarm's log."""
     env = {"LORAWARM_STATUS_TOKEN": TOKEN}
-    daemon = LorawarmProcess(drop, tmp_path / "state", [vllm.url], env=env)
-    with daemon, chromium() as driver:
-        driver.get(f"{daemon.status_url}/")
-        form = driver.find_element(By.ID, "login")
-        WebDriverWait(driver, 30).until(lambda d: form.is_displayed())
-        assert rows(driver, "loaded") == {}
-        driver.find_element(By.ID, "token").send_keys(TOKEN)
-        driver.find_element(By.CSS_SELECTOR, "#login button").click()
-        good = wait_rows(driver, "loaded", names["good"])
-        driver.save_screenshot(str(tmp_path / "status-page-token.png"))
-        assert not form.is_displayed()
-        history = driver.execute_script(
-            "return performance.getEntries().map((e) => e.name).concat([location.href]);"
-        )
-        log = daemon.log_text()
+    daemon = LorawarmProcess(drop, tmp_path / "state", [vllm.url], env=env).start()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        wait_for(lambda: daemon.get("/readyz", headers=auth).status_code == 200, what="ready")
+        with chromium() as driver:
+            see_with_token(daemon, driver, names, tmp_path)
+    finally:
+        daemon.stop()
+    assert TOKEN not in daemon.log_text()
+
+
+def see_with_token(
+    daemon: LorawarmProcess, driver: WebDriver, names: dict[str, str], tmp_path: Path
+) -> None:
+    """What a person does: open the page, type the token into its form, read the adapters."""
+    driver.get(f"{daemon.status_url}/")
+    form = driver.find_element(By.ID, "login")
+    WebDriverWait(driver, 30).until(lambda d: form.is_displayed())
+    assert rows(driver, "loaded") == {}
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "#login button").click()
+    good = wait_rows(driver, "loaded", names["good"])
+    driver.save_screenshot(str(tmp_path / "status-page-token.png"))
+    assert not form.is_displayed()
+    history = driver.execute_script(
+        "return performance.getEntries().map((e) => e.name).concat([location.href]);"
+    )
     assert good["state"] == "loaded"
     assert history
     assert all(TOKEN not in url for url in history)
-    assert TOKEN not in log
