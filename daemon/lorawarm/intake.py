@@ -79,6 +79,8 @@ class Intake:
         self.lock = asyncio.Lock()  # held while folders are taken; the collector takes it too
         self.drop_dir_ok = True
         self.watch_problem: str | None = None  # why there are no inotify events
+        # (folders looked at, folders found) by the running or last rescan, for progress.py
+        self.scan_progress: tuple[int, int] | None = None
         self._polling = settings.polling
         self._poll_seconds = settings.poll_seconds
         self._settler = Settler(settings.settle_seconds)
@@ -233,6 +235,8 @@ class Intake:
             for name, fp in zip(names, fps, strict=True)
             if (record := self._observe(name, fp, published=name in published)) is not None
         ]
+        unchanged = len(names) - len(due)
+        self.scan_progress = (unchanged, len(names))
         for start in range(0, len(due), RESCAN_BATCH):
             batch = due[start : start + RESCAN_BATCH]
             try:
@@ -241,6 +245,7 @@ class Intake:
                 return
             for (record, fp), outcome in zip(batch, checked, strict=True):
                 await self._isolated(record.name, self._take(record, fp, outcome))
+            self.scan_progress = (unchanged + start + len(batch), len(names))
         self.catalog.mark_complete()
 
     async def apply(self, hints: list[Hint]) -> None:
