@@ -252,3 +252,23 @@ def test_containerfile_pins_match_the_project() -> None:
     kustomization = yaml.safe_load((KUBERNETES / "base/kustomization.yaml").read_text())
     assert kustomization["images"] == [{"name": "vllm-lorawarm", "newTag": tag}]
     assert f"vllm-lorawarm:{tag}" in text
+
+
+def test_scrape_job_matches_the_overlay_and_the_alerts() -> None:
+    """The example scrape job is the `lorawarm` job LorawarmDown watches, sends the token,
+    and keeps the pods' port named as the overlay names lorawarm's status port. (Debian's
+    promtool is built without Kubernetes discovery, so this file is checked here, not by
+    `promtool check config`.)"""
+    scrape = yaml.safe_load((ROOT / "monitoring/prometheus-scrape.yml").read_text())
+    [job] = scrape["scrape_configs"]
+    assert job["job_name"] == "lorawarm"
+    assert job["authorization"]["type"] == "Bearer"
+    assert "credentials_file" in job["authorization"]
+    rules = (ROOT / "monitoring/lorawarm-alerts.yml").read_text()
+    assert 'up{job="lorawarm"}' in rules
+    kept = {r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+    docs = render(KUBERNETES / "overlays/example")
+    sidecar, _ = containers(docs)
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert {p["name"] for p in sidecar["ports"]} <= kept
+    assert labels["app.kubernetes.io/name"] in kept
