@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from lorawarm.probe import main
 from tests.support.daemon_proc import LorawarmProcess, wait_for
 from tests.support.vllm_server import free_port
 
@@ -65,3 +68,14 @@ def test_probe_sends_the_status_token(tmp_path: Path) -> None:
 def test_probe_usage() -> None:
     """Anything but one absolute path is a usage error (exit 2)."""
     assert probe("healthz").returncode == 2
+
+
+def test_probe_main_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's entry point, called as `python3 -m` calls it: 0 for a route that answers
+    200, 1 for one that does not (404 here), 2 for no path."""
+    with LorawarmProcess(tmp_path / "drop", tmp_path / "state", [UNREACHABLE]) as proc:
+        monkeypatch.setenv("LORAWARM_STATUS_PORT", str(proc.port))
+        monkeypatch.delenv("LORAWARM_STATUS_TOKEN", raising=False)
+        assert main(["/readyz"]) == 0
+        assert main(["/no-such-route"]) == 1
+    assert main([]) == 2

@@ -3,15 +3,21 @@ real daemon, until Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from lorawarm.settings import Settings
+from lorawarm.status_cli import watch_status
 from tests.support.daemon_proc import LorawarmProcess
 from tests.unit.adapters import write_adapter
 
@@ -103,3 +109,31 @@ def test_watch_interval_must_be_positive() -> None:
     )
     assert done.returncode == 2
     assert "--interval" in done.stderr
+
+
+def test_watch_in_process_until_sigint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`watch_status` itself: piped (not a terminal) it prints one frame after another
+    without redraw sequences, and a real SIGINT ends it with 0; `--json` prints one JSON
+    line per view."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    write_adapter(drop / "in-process")
+    settings = Settings(cache_dir=drop)
+    with LorawarmProcess(drop, tmp_path / "state", [UNREACHABLE]) as proc:
+        for as_json in (False, True):
+            timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                code = watch_status(settings, url=proc.status_url, as_json=as_json, interval=0.2)
+            finally:
+                timer.cancel()
+            assert code == 0
+            out = capsys.readouterr().out
+            if as_json:
+                views = [json.loads(line) for line in out.splitlines() if line]
+                assert len(views) >= 2
+                assert all(v["adapters"][0]["name"] == "in-process" for v in views)
+            else:
+                assert "\x1b[" not in out
+                assert out.count(f"lorawarm status {proc.status_url}") >= 2
+                assert "in-process" in out
