@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from lorawarm.inspection import Reason
+from lorawarm.inspection import Reason, Valid
 from lorawarm.snapshot import Snapshot, SnapshotReason
 from lorawarm.vllm_client import Condition
 
@@ -33,7 +33,8 @@ class AdapterState(StrEnum):
     FAILED = "failed"  # valid, but a snapshot or a server load failed: see `reason`
     PENDING = "pending"  # valid and snapshotted, not yet loaded on every server
     LOADED = "loaded"  # loaded on every configured server
-    COLD = "cold"  # valid, but outside the warm limit: deliberately not loaded
+    COLD = "cold"  # valid, but outside the warm set: deliberately not loaded
+    INCOMPATIBLE = "incompatible"  # valid, but no configured server can take it
 
 
 class ServerState(StrEnum):
@@ -43,6 +44,7 @@ class ServerState(StrEnum):
     LOADED = "loaded"
     FAILED = "failed"
     COLD = "cold"
+    INCOMPATIBLE = "incompatible"  # this server cannot take it (`reason` says why)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class ServerAdapter:
     condition: Condition | None = None
     loaded_path: str | None = None
     loaded_at: float | None = None
+    reason: str | None = None  # why INCOMPATIBLE (a stable code)
+    warnings: tuple[str, ...] = ()  # e.g. base_model_differs: served, but worth a look
+    resident: bool | None = None  # in the engine's memory now; None: not known
 
 
 @dataclass
@@ -76,7 +81,10 @@ class AdapterRecord:
     reason: Reason | SnapshotReason | None = None
     message: str | None = None
     snapshot: Snapshot | None = None
-    newest_mtime: float = 0.0
+    # The verdict of the snapshot's content (what per-server judging reads), and when that
+    # content was first seen (the snapshot's making: it orders the warm set, newest first).
+    adapter: Valid | None = None
+    seen_at: float = 0.0
     validated_at: float | None = None
     fingerprint: object = None
 
@@ -94,7 +102,9 @@ def adapter_state(record: AdapterRecord, per_server: Sequence[ServerAdapter]) ->
         if isinstance(record.reason, SnapshotReason):
             return AdapterState.FAILED
         return AdapterState.INVALID
-    states = [s.state for s in per_server]
+    states = [s.state for s in per_server if s.state is not ServerState.INCOMPATIBLE]
+    if per_server and not states:
+        return AdapterState.INCOMPATIBLE
     if states and all(s is ServerState.LOADED for s in states):
         return AdapterState.LOADED
     if any(s is ServerState.FAILED for s in states):
@@ -105,15 +115,16 @@ def adapter_state(record: AdapterRecord, per_server: Sequence[ServerAdapter]) ->
 
 
 class Catalog:
-    """All records, plus the warm-set policy (pinned first, then newest, up to the limit)."""
+    """All records, and the order adapters are warmed in: pinned first, then newest first.
 
-    def __init__(
-        self, *, pinned: Iterable[str], warm_limit: int | None, complete: bool = True
-    ) -> None:
+    Which of them each server holds is that server's reconciler's business (what fits there,
+    how many its memory keeps); the catalog only keeps the order, computed once per change.
+    """
+
+    def __init__(self, *, pinned: Iterable[str], complete: bool = True) -> None:
         """`complete=False` for a catalog that a first scan is still filling (the daemon's):
         until `mark_complete()`, a name missing here may just not have been reached yet."""
         self.pinned = list(pinned)
-        self.warm_limit = warm_limit
         self.version = 0
         self.warm_version = 0
         self.complete = complete  # an adapter missing here is deleted (not just not seen yet)
@@ -121,9 +132,8 @@ class Catalog:
         self._records: dict[str, AdapterRecord] = {}
         self._released: dict[str, float] = {}  # snapshot path -> when no record pointed to it
         self._paths: dict[str, int] = {}  # snapshot path -> records pointing to it
-        self._cached_at = -1
-        self._desired: list[tuple[str, str]] = []
-        self._desired_map: dict[str, str] = {}
+        self._ordered_at = -1
+        self._ordered: list[AdapterRecord] = []
         self._sorted_at = -1
         self._sorted: list[AdapterRecord] = []
 
@@ -164,18 +174,26 @@ class Catalog:
         return record
 
     def set_snapshot(
-        self, record: AdapterRecord, snapshot: Snapshot | None, *, newest_mtime: float = 0.0
+        self,
+        record: AdapterRecord,
+        snapshot: Snapshot | None,
+        *,
+        adapter: Valid | None = None,
+        seen_at: float = 0.0,
     ) -> None:
-        """Point `record` at another snapshot (or none; `newest_mtime` orders the warm set);
-        the old one is released now."""
+        """Point `record` at another snapshot (or none), made of content `adapter` first seen
+        at `seen_at` (wall time: it orders the warm set); the old snapshot is released now."""
+        if snapshot is None:
+            adapter = None
         if record.snapshot == snapshot:
-            moved = record.newest_mtime != newest_mtime and snapshot is not None
-            record.newest_mtime = newest_mtime if snapshot is not None else record.newest_mtime
-            self._bump(warm=moved)  # identical bytes rewritten: newer, maybe warmer
+            moved = snapshot is not None and (record.seen_at, record.adapter) != (seen_at, adapter)
+            if snapshot is not None:
+                record.adapter, record.seen_at = adapter, seen_at
+            self._bump(warm=moved)
             return
         self._release(record.snapshot)
         record.snapshot = snapshot
-        record.newest_mtime = newest_mtime
+        record.adapter, record.seen_at = adapter, seen_at
         self._hold(snapshot)
         self._bump(warm=True)
 
@@ -214,32 +232,22 @@ class Catalog:
         self._released[path] = time.time()
 
     # -- reads ------------------------------------------------------------------------------
-    def desired(self) -> Sequence[tuple[str, str]]:
-        """The warm set as (name, snapshot path), in load order; computed once per version."""
-        self._refresh()
-        return self._desired
-
-    def desired_paths(self) -> Mapping[str, str]:
-        """The warm set as name -> snapshot path."""
-        self._refresh()
-        return self._desired_map
-
-    def _refresh(self) -> None:
-        if self._cached_at == self.warm_version:
-            return
-        valid = {r.name: r for r in self._records.values() if r.snapshot is not None}
-        order = [valid[n] for n in self.pinned if n in valid]
-        pinned = {r.name for r in order}
-        rest = sorted(
-            (r for r in valid.values() if r.name not in pinned),
-            key=lambda r: (-r.newest_mtime, r.name),
-        )
-        order.extend(rest)
-        if self.warm_limit is not None:
-            order = order[: max(self.warm_limit, len(pinned))]
-        self._desired = [(r.name, str(r.snapshot.path)) for r in order if r.snapshot is not None]
-        self._desired_map = dict(self._desired)
-        self._cached_at = self.warm_version
+    def ordered(self) -> Sequence[AdapterRecord]:
+        """Every servable record in warm order: pinned first (in their order), then newest
+        first by when their content was first seen, then by name; computed once per change."""
+        if self._ordered_at != self.warm_version:
+            valid = {r.name: r for r in self._records.values() if r.snapshot is not None}
+            order = [valid[n] for n in self.pinned if n in valid]
+            pinned = {r.name for r in order}
+            order.extend(
+                sorted(
+                    (r for r in valid.values() if r.name not in pinned),
+                    key=lambda r: (-r.seen_at, r.name),
+                )
+            )
+            self._ordered = order
+            self._ordered_at = self.warm_version
+        return self._ordered
 
     # -- the collector's protocol -----------------------------------------------------------
     @property

@@ -66,24 +66,23 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.store = SnapshotStore(settings.state_dir)
-        self.catalog = Catalog(
-            pinned=settings.pinned, warm_limit=settings.warm_limit, complete=False
-        )
+        self.catalog = Catalog(pinned=settings.pinned, complete=False)
         self.intake = Intake(
-            settings, self.catalog, self.store, self.metrics, rules=settings.rules()
+            settings, self.catalog, self.store, self.metrics, rules=settings.watched_rules()
         )
-        key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         self.reconcilers = [
             ServerReconciler(
-                VllmClient(url, api_key=key, timeout=settings.request_timeout),
+                VllmClient(server.url, api_key=server.api_key, timeout=settings.request_timeout),
                 self.catalog,
                 self.store,
                 self.metrics,
                 resync_seconds=settings.resync_seconds,
                 health_seconds=settings.health_seconds,
                 max_backoff=settings.max_backoff_seconds,
+                policy=server.policy,
+                warm_limit=server.warm_limit,
             )
-            for url in settings.vllm_urls
+            for server in settings.server_configs()
         ]
         self.collector = Collector(
             self.store,

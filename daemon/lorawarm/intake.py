@@ -408,7 +408,7 @@ class Intake:
         record.validated_at = time.time()
         record.reason = record.message = None
         previous = record.snapshot
-        self.catalog.set_snapshot(record, snap, newest_mtime=result.newest_mtime_ns / 1e9)
+        self.catalog.set_snapshot(record, snap, adapter=result, seen_at=_made_at(snap))
         if previous is None or previous.path != snap.path:
             log.info(
                 "adapter_valid",
@@ -418,6 +418,15 @@ class Intake:
                 snapshot=str(snap.path),
                 replaces=str(previous.path) if previous else None,
             )
+
+
+def _made_at(snap: Snapshot) -> float:
+    """When this content was first seen: its snapshot was made then (lorawarm writes the
+    snapshot directory, so unlike the folder's mtimes this is not up to whoever copied it)."""
+    try:
+        return os.stat(snap.path).st_mtime
+    except OSError:
+        return time.time()
 
 
 async def _off_loop(func: Callable[[A], T], arg: A) -> T:

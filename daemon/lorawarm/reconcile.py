@@ -18,22 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lorawarm.catalog import AdapterRecord, Catalog, ServerAdapter, ServerState
+from lorawarm.fit import Fit, FitPolicy, judge
+from lorawarm.learn import learn
 from lorawarm.logs import get_logger
 from lorawarm.metrics import Metrics
+from lorawarm.server_facts import ServerFacts
 from lorawarm.snapshot import SnapshotStore
-from lorawarm.vllm_client import Condition, LoadResult, VllmClient, VllmError
+from lorawarm.vllm_client import Condition, LoadResult, ModelEntry, VllmClient, VllmError
 
 log = get_logger(__name__)
 
 # While the catalog keeps changing (a first scan), a running plan is made again this often.
 REPLAN_SECONDS = 0.5
+
+# Facts of a server that was not asked yet: only the server-independent checks apply.
+_UNKNOWN = ServerFacts()
+_FITS = Fit(ok=True)  # a record with nothing to judge (no verdict kept): nothing against it
 
 # A server that cannot be reached, or that answers nothing in time, is down (not just busy).
 _DOWN = frozenset({Condition.UNREACHABLE, Condition.TIMEOUT, Condition.ENGINE_DEAD})
@@ -79,6 +87,29 @@ def plan(
         elif name not in blocked:
             loads.append((name, path))
     return Plan(unloads=unloads, loads=tuple(loads), conflicts=tuple(conflicts))
+
+
+def warm_set(
+    ordered: Sequence[AdapterRecord],
+    *,
+    pinned: Sequence[str],
+    limit: int | None,
+    requested: Mapping[str, float],
+) -> list[AdapterRecord]:
+    """The adapters to keep loaded on one server, in load order, from those it can take in
+    the catalog's order (pinned, then newest first): with no limit all of them; with one, the
+    pinned (all of them, even past the limit), then those requested there most recently
+    (`requested`: name -> when), then the newest, up to `limit`."""
+    if limit is None:
+        return list(ordered)
+    pins = set(pinned)
+    first = [r for r in ordered if r.name in pins]
+    asked = sorted(
+        (r for r in ordered if r.name in requested and r.name not in pins),
+        key=lambda r: -requested[r.name],
+    )
+    rest = [r for r in ordered if r.name not in pins and r.name not in requested]
+    return (first + asked + rest)[: max(limit, len(first))]
 
 
 def backoff(
@@ -137,7 +168,13 @@ class ServerReconciler:
         resync_seconds: float,
         health_seconds: float,
         max_backoff: float,
+        policy: FitPolicy | None = None,
+        warm_limit: int | None = None,
+        learner: Callable[[VllmClient, Sequence[ModelEntry]], Awaitable[ServerFacts]] = learn,
     ) -> None:
+        """`policy` holds the operator's overrides for this server (an enforced base model, a
+        rank limit); `warm_limit` how many adapters to keep loaded here (None: as many as the
+        server's memory keeps where lorawarm's resolver serves the rest, else all)."""
         self.client = client
         self.url = client.base_url
         self.catalog = catalog
@@ -165,6 +202,18 @@ class ServerReconciler:
         self._server_attempts = 0
         self._probe_down = True  # /health not seen answering since start or its last failure
         self._rng = random.Random()  # noqa: S311 - retry jitter, not cryptography
+        self.policy = policy or FitPolicy()
+        self.warm_limit = warm_limit
+        self.facts: ServerFacts | None = None  # what the server serves; None: not learned yet
+        self._learner = learner
+        self._learned_at = -1.0  # monotonic; -1: learn before the next plan (a (re)start)
+        self._facts_version = 0
+        self._fits: dict[str, tuple[str, int, Fit]] = {}  # name -> (snapshot, facts version, fit)
+        self._requested: dict[str, float] = {}  # name -> when a request made vLLM load it here
+        self._desired_key: tuple[int, int, int] = (-1, -1, -1)
+        self._desired: list[tuple[str, str]] = []
+        self._desired_map: dict[str, str] = {}
+        self._requested_moved = False
 
     # -- what others read ---------------------------------------------------------------------
     @property
@@ -179,6 +228,19 @@ class ServerReconciler:
         name, path = record.name, str(record.snapshot.path)
         tried = self._attempts.get(name)
         attempts = tried[1] if tried is not None and tried[0] == path else 0
+        fit = self.fit(record)
+        if not fit.ok:
+            return ServerAdapter(ServerState.INCOMPATIBLE, attempts, fit.message, reason=fit.reason)
+        entry = self._outcome(record, name, path, attempts)
+        resident = (
+            None
+            if self.facts is None or self.facts.resident is None
+            else (name in self.facts.resident)
+        )
+        warnings = tuple(str(w.code) for w in fit.warnings)
+        return dataclasses.replace(entry, warnings=warnings, resident=resident)
+
+    def _outcome(self, record: AdapterRecord, name: str, path: str, attempts: int) -> ServerAdapter:
         loaded = self._actual.get(name)
         failing = self.status.condition not in (Condition.OK, Condition.UNKNOWN)
         if loaded is not None and loaded.path == path and not failing:
@@ -196,7 +258,7 @@ class ServerReconciler:
         failure = self._failures.get(name)
         if failure is not None and failure.path == path:
             return ServerAdapter(ServerState.FAILED, attempts, failure.message, failure.condition)
-        if name not in self.catalog.desired_paths():
+        if name not in self.desired_paths():
             return ServerAdapter(ServerState.COLD, attempts)
         if failing:  # in its backoff: say why it waits, not only at the next attempt
             return ServerAdapter(
@@ -219,6 +281,89 @@ class ServerReconciler:
     def forget_released(self, paths: Iterable[str]) -> None:
         for path in paths:
             self._released.pop(path, None)
+
+    # -- what fits here, and what to keep warm ---------------------------------------------
+    def fit(self, record: AdapterRecord) -> Fit:
+        """Whether this server can take `record`'s snapshot, judged by what it serves (cached
+        until the snapshot or the server's facts change)."""
+        if record.snapshot is None or record.adapter is None:
+            return _FITS
+        path = str(record.snapshot.path)
+        cached = self._fits.get(record.name)
+        if cached is not None and cached[0] == path and cached[1] == self._facts_version:
+            return cached[2]
+        fit = judge(record.adapter, self.facts or _UNKNOWN, self.policy)
+        self._fits[record.name] = (path, self._facts_version, fit)
+        if self.facts is not None:
+            if not fit.ok:
+                log.warning(
+                    "adapter_incompatible",
+                    server=self.url,
+                    adapter=record.name,
+                    reason=fit.reason,
+                    message=fit.message,
+                )
+            for warning in fit.warnings:
+                log.warning(
+                    str(warning.code), server=self.url, adapter=record.name, message=warning.message
+                )
+        return fit
+
+    @property
+    def effective_warm_limit(self) -> int | None:
+        """How many adapters to keep loaded here: the setting, else what the engine's CPU cache
+        holds when lorawarm's resolver serves the rest on demand, else no limit (an adapter
+        that is not loaded could not be requested at all)."""
+        if self.warm_limit is not None:
+            return self.warm_limit
+        facts = self.facts
+        if facts is not None and facts.resolver and facts.max_cpu_loras is not None:
+            return facts.max_cpu_loras
+        return None
+
+    def desired(self) -> Sequence[tuple[str, str]]:
+        """This server's warm set as (name, snapshot path), in load order: of the adapters it
+        can take, the pinned, then the ones requested here most recently, then the newest, up
+        to the warm limit. Computed once per change of the catalog, facts or requests."""
+        self._refresh_desired()
+        return self._desired
+
+    def desired_paths(self) -> Mapping[str, str]:
+        self._refresh_desired()
+        return self._desired_map
+
+    def _refresh_desired(self) -> None:
+        key = (self.catalog.warm_version, self._facts_version, len(self._requested))
+        if key == self._desired_key and not self._requested_moved:
+            return
+        fitting = warm_set(
+            [r for r in self.catalog.ordered() if self.fit(r).ok],
+            pinned=self.catalog.pinned,
+            limit=self.effective_warm_limit,
+            requested=self._requested,
+        )
+        self._desired = [(r.name, str(r.snapshot.path)) for r in fitting if r.snapshot]
+        self._desired_map = dict(self._desired)
+        self._desired_key = key
+        self._requested_moved = False
+
+    def _learned(self, facts: ServerFacts) -> None:
+        if facts != self.facts:
+            previous, self.facts = self.facts, facts
+            self._facts_version += 1
+            self._changed()
+            event = log.info if previous is None or previous.model != facts.model else log.debug
+            event(
+                "server_learned",
+                server=self.url,
+                learned_from=[str(f) for f in facts.learned_from],
+                model=facts.model,
+                served_model_names=list(facts.served_model_names),
+                max_lora_rank=facts.max_lora_rank,
+                max_cpu_loras=facts.max_cpu_loras,
+                resolver=facts.resolver,
+            )
+        self._learned_at = time.monotonic()
 
     # -- running ------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -275,7 +420,11 @@ class ServerReconciler:
                     self._server_retry_at = 0.0
                     self._server_attempts = 0
                     self.known = False
-                    self.wake()  # a (re)started server: re-list and re-warm
+                    self._learned_at = -1.0
+                    self.wake()  # a (re)started server: re-learn, re-list and re-warm
+                elif self.effective_warm_limit is not None and self.warm_limit is None:
+                    # The warm set follows requests: look at what they made vLLM load.
+                    self.wake()
             await asyncio.sleep(self._health_every)
 
     def _changed(self) -> None:
@@ -354,8 +503,17 @@ class ServerReconciler:
             self.status.loaded = len(self._actual)
             self._changed()
 
+    def _learn_due(self) -> bool:
+        """Learn again after a (re)start, once per resync, and at every look while the warm
+        set follows requests (the engine's memory is part of what is learned)."""
+        if self._learned_at < 0 or time.monotonic() - self._learned_at >= self._resync:
+            return True
+        return self.warm_limit is None and self.effective_warm_limit is not None
+
     async def _refresh_actual(self) -> None:
         models = await self.client.list_models()
+        if self._learn_due():
+            self._learned(await self._learner(self.client, models))
         self._foreign = frozenset(m.id for m in models if not (m.root and self.store.owns(m.root)))
         listed = {m.id: str(m.root) for m in models if m.root and self.store.owns(m.root)}
         now = time.time()
@@ -366,6 +524,11 @@ class ServerReconciler:
             if name not in self._actual:
                 self._hold(name, path, now)
                 self._failures.pop(name, None)  # e.g. a timed-out load vLLM finished later
+                if self._warmed.get(name) != path and self.loading != path:
+                    # Not loaded by lorawarm: a request made the resolver load it. It joins
+                    # this server's warm set ahead of the merely newest.
+                    self._requested_moved |= name in self._requested
+                    self._requested[name] = now
         self.loading = None
         self.known = self.listed = True
 
@@ -388,16 +551,18 @@ class ServerReconciler:
         for book in (self._attempts, self._warmed, self._failures):
             for gone in [n for n in book if self.catalog.get(n) is None]:
                 del book[gone]  # deleted adapters: nothing to remember
-        want = self.catalog.desired_paths()
+        for gone in [n for n in self._requested if self.catalog.get(n) is None]:
+            del self._requested[gone]
+        want = self.desired_paths()
         now = time.monotonic()
         blocked = frozenset(
             n for n, f in self._failures.items() if f.due > now and want.get(n) == f.path
         )
-        step = plan(self.catalog.desired(), self.actual, self._foreign, blocked=blocked, want=want)
+        step = plan(self.desired(), self.actual, self._foreign, blocked=blocked, want=want)
         if not self.catalog.complete:
             # The first scan is still running: what it has not reached yet is not deleted, and
             # with a warm limit the order is not known yet. Load what is known, unload nothing.
-            if self.catalog.warm_limit is not None:
+            if self.effective_warm_limit is not None:
                 return Plan()
             step = Plan((), step.loads, step.conflicts)
         if frozenset(step.conflicts) != self._conflicts:

@@ -12,12 +12,18 @@ vLLM's packed modules (`qkv_proj`, `gate_up_proj`) are already unpacked here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
 SCHEMA = 1
+
+# A local Hugging Face cache path, `.../models--org--name/snapshots/<rev>`: vLLM replaces a hub
+# id by it when HF_HUB_OFFLINE is set (engine/arg_utils.py), reports it as `root` in /v1/models
+# and passes it to resolvers as `base_model_name`; adapters name the hub id.
+_HF_CACHE_PATH = re.compile(r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?")
 
 
 class LearnedFrom(StrEnum):
@@ -115,6 +121,13 @@ class ServerFacts:
                 None if payload.get("resident") is None else frozenset(_strs(payload, "resident"))
             ),
         )
+
+
+def model_aliases(model: str) -> tuple[str, ...]:
+    """Other names of the model vLLM was started with: the hub id `org/name` of a local
+    Hugging Face cache path, nothing for any other `--model`."""
+    match = _HF_CACHE_PATH.fullmatch(model)
+    return (f"{match['org']}/{match['name']}",) if match else ()
 
 
 def _opt(payload: dict[str, Any], key: str, kind: type) -> Any:

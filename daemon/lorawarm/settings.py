@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
+    BaseModel,
+    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -30,6 +33,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from lorawarm.fit import FitPolicy
 from lorawarm.inspection import DEFAULT_MAX_ADAPTER_BYTES, Rules
 from lorawarm.names import BadName, check_name
 
@@ -50,6 +54,52 @@ def _default_state_dir() -> Path:
 
 
 CommaList = Annotated[list[str], NoDecode]
+
+DEFAULT_VLLM_URL = "http://127.0.0.1:8000"
+
+
+def _check_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest.strip("/"):
+        raise ValueError(f"{url!r} is not an http(s) URL such as {DEFAULT_VLLM_URL}")
+    return url.rstrip("/")
+
+
+class ServerEntry(BaseModel):
+    """One `[[servers]]` table of the config file: a vLLM server and what differs for it.
+
+    Everything but `url` is an override: unset, the server's own flags (learned from it) and
+    the global settings apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="The server's base URL.")
+    api_key: SecretStr | None = Field(default=None, description="Its --api-key.")
+    warm_limit: int | None = Field(default=None, ge=1, description="Adapters kept loaded there.")
+    max_lora_rank: int | None = Field(
+        default=None, ge=1, le=1024, description="Largest rank sent there."
+    )
+    base_model: str | None = Field(
+        default=None, description="The base model adapters for it must name (enforced)."
+    )
+    base_model_aliases: list[str] = Field(
+        default=[], description="Further accepted names of its base model."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        return _check_url(url)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the daemon is told about one server: settings and its `[[servers]]` entry merged."""
+
+    url: str
+    api_key: str | None
+    warm_limit: int | None
+    policy: FitPolicy
 
 
 def _env(*names: str) -> AliasChoices:
@@ -79,34 +129,44 @@ class Settings(BaseSettings):
         "to systemd's STATE_DIRECTORY, then $XDG_STATE_HOME/lorawarm.",
     )
     vllm_urls: CommaList = Field(
-        default=["http://127.0.0.1:8000"],
-        description="Base URLs of the vLLM servers to warm (comma-separated).",
+        default=[],
+        description="Base URLs of the vLLM servers to warm (comma-separated); with neither "
+        "these nor `[[servers]]` entries, http://127.0.0.1:8000.",
+    )
+    servers: list[ServerEntry] = Field(
+        default=[],
+        description="Config file `[[servers]]` tables: `url` and any of `api_key`, "
+        "`warm_limit`, `max_lora_rank`, `base_model`, `base_model_aliases` for that server "
+        "only (JSON in the environment).",
     )
     vllm_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=_env("LORAWARM_VLLM_API_KEY", "VLLM_API_KEY"),
         description="API key of the vLLM servers (their --api-key). Falls back to VLLM_API_KEY.",
     )
-    max_lora_rank: int = Field(
-        default=16,
+    max_lora_rank: int | None = Field(
+        default=None,
         ge=1,
         le=1024,
-        description="Largest LoRA rank accepted (vLLM's --max-lora-rank).",
+        description="Largest LoRA rank accepted, overriding each server's --max-lora-rank; "
+        "unset: each server's own limit where it is learned, else not checked before loading.",
     )
     base_model: str | None = Field(
         default=None,
-        description="The base model adapters must be trained for (vLLM's --model); unset: "
-        "not checked.",
+        description="Enforce this base model: an adapter whose base_model_name_or_path names "
+        "neither it, an alias nor the server's model is refused (base_model_mismatch). Unset: "
+        "each server's --model is learned, and an adapter naming another model is served when "
+        "its modules and shapes fit that server, with a base_model_differs warning.",
     )
     base_model_aliases: CommaList = Field(
         default=[],
-        description="Other names of the same base model accepted in base_model_name_or_path "
-        "(comma-separated).",
+        description="Other names of the base model accepted in base_model_name_or_path "
+        "without a base_model_differs warning, and with base_model set (comma-separated).",
     )
     served_model_names: CommaList = Field(
         default=[],
-        description="vLLM's --served-model-name values: no adapter may take one of these names "
-        "(comma-separated).",
+        description="Further names no adapter may take (comma-separated); each server's own "
+        "served names are learned from it.",
     )
     max_adapter_bytes: int = Field(
         default=DEFAULT_MAX_ADAPTER_BYTES,
@@ -138,8 +198,10 @@ class Settings(BaseSettings):
     warm_limit: int | None = Field(
         default=None,
         ge=1,
-        description="How many adapters to keep loaded per server (pinned first, then newest); "
-        "unset: all valid adapters.",
+        description="How many adapters to keep loaded per server (pinned first, then the most "
+        "recently requested there, then the newest). Unset: what the server's engine keeps in "
+        "memory (--max-cpu-loras) where lorawarm's resolver serves the rest on demand, else "
+        "every adapter that fits the server.",
     )
     pinned: CommaList = Field(
         default=[],
@@ -210,7 +272,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "warm_limit", "cache_dir", "base_model", "vllm_api_key", "status_token", mode="before"
+        "warm_limit",
+        "cache_dir",
+        "base_model",
+        "vllm_api_key",
+        "status_token",
+        "max_lora_rank",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -227,17 +295,18 @@ class Settings(BaseSettings):
     @field_validator("vllm_urls")
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
-        if not urls:
-            raise ValueError("at least one vLLM URL is needed")
-        checked = []
-        for url in urls:
-            scheme, sep, rest = url.partition("://")
-            if not sep or scheme not in ("http", "https") or not rest.strip("/"):
-                raise ValueError(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8000")
-            checked.append(url.rstrip("/"))
+        checked = [_check_url(url) for url in urls]
         if len(set(checked)) != len(checked):
             raise ValueError("the same vLLM URL is listed twice")
         return checked
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, servers: list[ServerEntry]) -> list[ServerEntry]:
+        urls = [s.url for s in servers]
+        if len(set(urls)) != len(urls):
+            raise ValueError("the same vLLM URL has two [[servers]] entries")
+        return servers
 
     @field_validator("pinned")
     @classmethod
@@ -281,8 +350,52 @@ class Settings(BaseSettings):
             return "STATE_DIRECTORY (state_dir)"
         return f"{env_name(field)} ({field})"
 
+    def server_configs(self) -> list[ServerConfig]:
+        """Every server to warm: the `[[servers]]` entries, then `vllm_urls` not among them
+        (or the default URL when neither names one), each with its overrides merged over
+        the global settings."""
+        entries = {s.url: s for s in self.servers}
+        for url in self.vllm_urls or ([] if entries else [DEFAULT_VLLM_URL]):
+            entries.setdefault(url, ServerEntry(url=url))
+
+        def secret(value: SecretStr | None) -> str | None:
+            return None if value is None else value.get_secret_value()
+
+        return [
+            ServerConfig(
+                url=e.url,
+                api_key=secret(e.api_key) or secret(self.vllm_api_key),
+                warm_limit=e.warm_limit if e.warm_limit is not None else self.warm_limit,
+                policy=FitPolicy(
+                    base_model=e.base_model or self.base_model,
+                    base_model_aliases=(*e.base_model_aliases, *self.base_model_aliases),
+                    max_lora_rank=e.max_lora_rank or self.max_lora_rank,
+                    served_model_names=tuple(self.served_model_names),
+                ),
+            )
+            for e in entries.values()
+        ]
+
+    def watched_rules(self) -> Rules:
+        """The inspection rules of the daemon and the plugin: only what holds on every server.
+        The rank limit, the base model and the served names are judged per server
+        (`lorawarm.fit`, with `policy()` and what was learned of the server)."""
+        return Rules(
+            max_adapter_bytes=self.max_adapter_bytes, safetensors_only=self.safetensors_only
+        )
+
+    def policy(self) -> FitPolicy:
+        """The operator's overrides for every server (a `[[servers]]` table adds to them)."""
+        return FitPolicy(
+            base_model=self.base_model,
+            base_model_aliases=tuple(self.base_model_aliases),
+            max_lora_rank=self.max_lora_rank,
+            served_model_names=tuple(self.served_model_names),
+        )
+
     def rules(self) -> Rules:
-        """The inspection rules these settings imply."""
+        """The inspection rules these settings imply with no server to judge against
+        (`lorawarm validate`): every limit that is set is checked."""
         return Rules(
             max_lora_rank=self.max_lora_rank,
             base_model=self.base_model,
@@ -359,6 +472,8 @@ def _describe(err: ValidationError, where: dict[str, str]) -> str:
         what = where.get(field, f"{env_name(field)} ({field})")
     else:
         what = "settings"
+    if field in Settings.model_fields and len(loc) > 1:  # inside a table: servers[1].url
+        what += "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = (

@@ -24,14 +24,34 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from lorawarm import __version__
 from lorawarm.catalog import AdapterRecord, AdapterState, Catalog, ServerAdapter, adapter_state
+from lorawarm.fit import FitPolicy
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
+from lorawarm.server_facts import ServerFacts
 from lorawarm.status_page import page_router
 
 
 class ServerView(BaseModel):
     url: str = Field(description="The vLLM server's base URL.")
-    state: str = Field(description="pending, loaded, failed or cold on this server.")
+    state: str = Field(
+        description="pending, loaded, failed, cold or incompatible (it cannot take this "
+        "adapter: `reason` says why) on this server."
+    )
+    reason: str | None = Field(
+        default=None,
+        description="Why it is incompatible there: target_modules_not_supported, "
+        "shape_mismatch, rank_too_large, name_is_base_model, base_model_mismatch.",
+    )
+    warnings: list[str] = Field(
+        default=[],
+        description="Served, but worth a look: base_model_differs (it names another base "
+        "model than the server's, while its modules and shapes fit).",
+    )
+    resident: bool | None = Field(
+        default=None,
+        description="In the engine's memory now (its CPU cache); null when not known (the "
+        "server runs no lorawarm endpoint).",
+    )
     attempts: int = Field(description="Load attempts lorawarm made for this snapshot.")
     condition: str | None = Field(
         description="Why it is not loaded: unreachable, unauthorized, runtime_updates_disabled, "
@@ -83,6 +103,32 @@ class ServerInfo(BaseModel):
         default=None,
         description="Why snapshot collection waits for this server (it was never listed), or null.",
     )
+    learned_from: list[str] = Field(
+        default=[],
+        description="Where the facts below came from: plugin (lorawarm's endpoint in vLLM), "
+        "models (GET /v1/models), config (the model's local config.json), settings. Empty "
+        "until the server answered.",
+    )
+    model: str | None = Field(default=None, description="Its --model.")
+    served_model_names: list[str] = Field(default=[], description="Its served model names.")
+    vllm_version: str | None = None
+    max_lora_rank: int | None = Field(
+        default=None, description="The largest rank sent there (its flag, or the override)."
+    )
+    max_loras: int | None = None
+    max_cpu_loras: int | None = Field(
+        default=None, description="Adapters its engine keeps in memory (--max-cpu-loras)."
+    )
+    resolver: bool | None = Field(
+        default=None, description="lorawarm's resolver serves adapters on demand there."
+    )
+    warm_limit: int | None = Field(
+        default=None,
+        description="How many adapters lorawarm keeps loaded there (null: every one that fits).",
+    )
+    resident: list[str] | None = Field(
+        default=None, description="Adapters in its engine's memory now; null when not known."
+    )
 
 
 class ServerList(BaseModel):
@@ -110,6 +156,15 @@ class ServerSide(Protocol):
 
     @property
     def status(self) -> ServerStatus: ...
+
+    @property
+    def facts(self) -> ServerFacts | None: ...
+
+    @property
+    def effective_warm_limit(self) -> int | None: ...
+
+    @property
+    def policy(self) -> FitPolicy: ...
 
     def outcome(self, record: AdapterRecord) -> ServerAdapter | None: ...
 
@@ -185,6 +240,9 @@ def adapter_view(record: AdapterRecord, servers: Sequence[ServerSide]) -> Adapte
             ServerView(
                 url=server.url,
                 state=entry.state,
+                reason=entry.reason,
+                warnings=list(entry.warnings),
+                resident=entry.resident,
                 attempts=entry.attempts,
                 condition=entry.condition,
                 last_error=entry.last_error,
@@ -194,6 +252,35 @@ def adapter_view(record: AdapterRecord, servers: Sequence[ServerSide]) -> Adapte
         ]
         if outcomes
         else [],
+    )
+
+
+def server_info(server: ServerSide, held: str | None) -> ServerInfo:
+    """One server's view: its condition and counters, and what was learned of it."""
+    s, facts = server.status, server.facts
+    learned = facts or ServerFacts()
+    return ServerInfo(
+        url=s.url,
+        condition=s.condition,
+        message=s.message,
+        healthy=s.healthy,
+        since=_iso(s.since) or "",
+        last_sync=_iso(s.last_sync),
+        loaded=s.loaded,
+        loads=s.loads,
+        unloads=s.unloads,
+        failures=s.failures,
+        collection_held=held,
+        learned_from=[str(f) for f in learned.learned_from],
+        model=learned.model,
+        served_model_names=list(learned.served_model_names),
+        vllm_version=learned.vllm_version,
+        max_lora_rank=server.policy.max_lora_rank or learned.max_lora_rank,
+        max_loras=learned.max_loras,
+        max_cpu_loras=learned.max_cpu_loras,
+        resolver=learned.resolver,
+        warm_limit=server.effective_warm_limit,
+        resident=None if learned.resident is None else sorted(learned.resident),
     )
 
 
@@ -290,24 +377,7 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     async def servers() -> ServerList:
         """Every configured vLLM server and its condition."""
         held = source.collection_held
-        return ServerList(
-            servers=[
-                ServerInfo(
-                    url=s.url,
-                    condition=s.condition,
-                    message=s.message,
-                    healthy=s.healthy,
-                    since=_iso(s.since) or "",
-                    last_sync=_iso(s.last_sync),
-                    loaded=s.loaded,
-                    loads=s.loads,
-                    unloads=s.unloads,
-                    failures=s.failures,
-                    collection_held=held.get(s.url),
-                )
-                for s in (server.status for server in source.servers)
-            ]
-        )
+        return ServerList(servers=[server_info(s, held.get(s.url)) for s in source.servers])
 
     @app.get(
         "/metrics",

@@ -1,7 +1,8 @@
 """An async client for ONE vLLM server's runtime LoRA API (vLLM 0.32, `--api-server-count 1`).
 
-Four calls: `health()`, `list_models()`, `load()`, `unload()`. Each either returns what vLLM
-said in a typed form or raises one exception type that carries data:
+Four calls: `health()`, `list_models()`, `load()`, `unload()`, and `server_facts()` for
+lorawarm's own plugin endpoint inside vLLM. Each either returns what vLLM said in a typed form or
+raises one exception type that carries data:
 
     Exception
      ├── VllmError            .condition .status .message .url
@@ -20,9 +21,10 @@ said in a typed form or raises one exception type that carries data:
      └── ValueError           a caller mistake caught before sending: a relative `lora_path`
                               (vLLM would try a Hub download), a base URL that is not http(s)
 
-Two answers that look like errors are results: `load()` of a registered name returns
+Three answers that look like errors are results: `load()` of a registered name returns
 `LoadResult.ALREADY_LOADED` (the caller compares paths through `list_models()`), `unload()` of
-an unknown name returns `UnloadResult.NOT_FOUND`.
+an unknown name returns `UnloadResult.NOT_FOUND`, and `server_facts()` on a vLLM without
+lorawarm's endpoint (FastAPI's route 404) returns None.
 
 The API key goes only into the `Authorization` header of `/v1/*` requests; it is never logged,
 never part of a message, URL or repr. This module does not log at all.
@@ -37,6 +39,11 @@ from pathlib import PurePosixPath
 from types import TracebackType
 
 import httpx
+
+from lorawarm.server_facts import ServerFacts
+
+SERVER_FACTS_ROUTE = "/v1/lorawarm/server"
+"""lorawarm's plugin endpoint inside vLLM (`lorawarm_vllm.endpoint`)."""
 
 MAX_MESSAGE_CHARS = 500
 """How much of a response body (or of vLLM's message) a `VllmError` message keeps."""
@@ -213,6 +220,24 @@ class VllmClient:
                 raise self._bad(answer, f"/v1/models has a malformed entry: {item!r}")
             models.append(entry)
         return models
+
+    async def server_facts(self) -> ServerFacts | None:
+        """What lorawarm's endpoint inside vLLM reports; None when the endpoint is absent (the
+        plugin is not in `VLLM_PLUGINS`, or a vLLM before 0.26 without endpoint plugins).
+
+        An answer that is not a `ServerFacts` document is `bad_response`; 401 stays
+        `unauthorized` (vLLM checks the key before it looks for a route).
+        """
+        answer = await self._send("GET", SERVER_FACTS_ROUTE)
+        if answer.status == 404 and _is_route_404(answer.body):
+            return None
+        if answer.status != 200:
+            raise self._error(answer, adapter_route=False)
+        try:
+            return ServerFacts.from_json(_json(answer.body))
+        except ValueError as err:
+            message = f"{SERVER_FACTS_ROUTE} is not lorawarm's answer: {err}"
+            raise self._bad(answer, message) from None
 
     async def load(self, name: str, path: str) -> LoadResult:
         """Register adapter `name` from the absolute directory `path` and read it into the engine.

@@ -14,10 +14,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 
+from lorawarm.server_facts import ServerFacts
 from lorawarm.settings import EX_CONFIG, ConfigError, load
 from lorawarm.snapshot import SnapshotStore
+from lorawarm_vllm import engine_side
 from lorawarm_vllm.resolver import LorawarmResolver
 
 __all__ = ["RESOLVER_NAME", "LorawarmResolver", "PluginConfigError", "build_resolver", "register"]
@@ -42,7 +45,12 @@ def register() -> None:
     the same settings that is already registered is kept. On an unusable configuration it logs
     one error line and exits with 78 (EX_CONFIG): vLLM calls this function without catching
     (vllm/plugins/__init__.py `load_general_plugins`), so vLLM does not start half-working.
+
+    Named in `VLLM_PLUGINS`, it also installs the worker-side method the endpoint part asks for
+    the model's LoRA modules (`lorawarm_vllm.engine_side`).
     """
+    if _named():
+        _install_engine_side()
     try:
         resolver = build_resolver()
     except PluginConfigError as err:
@@ -61,6 +69,7 @@ def register() -> None:
         and current.cache_dir == resolver.cache_dir
         and current.store.root == resolver.store.root
         and current.rules == resolver.rules
+        and current.policy == resolver.policy
     ):
         return
     registry.register_resolver(RESOLVER_NAME, resolver)
@@ -104,15 +113,46 @@ def build_resolver() -> LorawarmResolver | None:
             )
         )
     cache_dir, store = _check_dirs(settings.cache_dir, settings.state_dir)
-    return LorawarmResolver(cache_dir, store, settings.rules(), logger=_log)
+    return LorawarmResolver(
+        cache_dir,
+        store,
+        settings.watched_rules(),
+        policy=settings.policy(),
+        facts=_endpoint_facts,
+        logger=_log,
+    )
+
+
+def _endpoint_facts() -> ServerFacts | None:
+    """This vLLM's facts as lorawarm's endpoint learned them, in this process; None where the
+    endpoint part is not loaded (not imported here: it is vLLM that loads it, or not)."""
+    endpoint = sys.modules.get("lorawarm_vllm.endpoint")
+    facts = None if endpoint is None else endpoint.current_facts()
+    return facts if isinstance(facts, ServerFacts) else None
 
 
 def _activated() -> bool:
     """Whether the environment asks for this plugin (see `build_resolver`)."""
+    return _named() or bool(os.environ.get("LORAWARM_CACHE_DIR", "").strip())
+
+
+def _named() -> bool:
+    """Whether `VLLM_PLUGINS` names this plugin: only then does vLLM load its endpoint part."""
     # Split exactly as vLLM does (vllm/plugins/__init__.py: on commas, nothing stripped), so
     # that what activates the plugin is what loads it.
-    named = PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(",")
-    return named or bool(os.environ.get("LORAWARM_CACHE_DIR", "").strip())
+    return PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(",")
+
+
+def _install_engine_side() -> None:
+    """Install the endpoint's worker method; a vLLM without it only loses those facts."""
+    try:
+        engine_side.install()
+    except Exception as err:  # noqa: BLE001 - a vLLM laid out otherwise must still start
+        _log.warning(
+            "lorawarm: cannot install the worker method of the server facts endpoint (%r); "
+            "it will not report the model's LoRA modules",
+            err,
+        )
 
 
 def _check_dirs(cache: Path, state: Path) -> tuple[Path, SnapshotStore]:

@@ -15,27 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from lorawarm.fit import FitPolicy, judge
 from lorawarm.inspection import FileStat, Invalid, Rules, inspect_adapter
 from lorawarm.names import BadName, check_name, folder_for
+from lorawarm.server_facts import ServerFacts, model_aliases
 from lorawarm.snapshot import Snapshot, SnapshotError, SnapshotStore
 
 # vllm.lora.request.LoRARequest. vLLM is imported through importlib, here and in `register()`:
 # vLLM ships py.typed, and letting mypy follow it means minutes of analysing vLLM and torch.
 LoRARequest: TypeAlias = Any
-
-# vLLM replaces a hub id by its local cache path when HF_HUB_OFFLINE is set (engine/arg_utils.py),
-# and passes that path as `base_model_name`; adapters name the hub id.
-_HF_CACHE_PATH = re.compile(r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?")
 
 # How many (name, reason) pairs are remembered for "log once": names come from requests, so the
 # memory is bounded.
@@ -46,8 +43,10 @@ class LorawarmResolver:
     """Resolves an adapter name to a validated, immutable snapshot of its drop folder.
 
     `cache_dir` is the drop directory, `store` the snapshot store shared with the daemon,
-    `rules` the inspection rules from the settings. vLLM's `--model` (the `base_model_name` of
-    each call) is always accepted as the base model in addition to what `rules` accepts.
+    `rules` the server-independent inspection rules. What depends on the server is judged as
+    the daemon judges it (`lorawarm.fit.judge` with `policy`, the operator's overrides) against
+    this vLLM's facts: `facts()` gives them where lorawarm's endpoint learned them in this
+    process; without it, what each call says (`base_model_name` is vLLM's `--model`).
     """
 
     def __init__(
@@ -56,11 +55,15 @@ class LorawarmResolver:
         store: SnapshotStore,
         rules: Rules,
         *,
+        policy: FitPolicy | None = None,
+        facts: Callable[[], ServerFacts | None] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.cache_dir = Path(os.path.abspath(cache_dir))
         self.store = store
         self.rules = rules
+        self.policy = policy or FitPolicy()
+        self._facts = facts
         self.log = logger or logging.getLogger(__name__)
         self._lock = threading.Lock()
         self._reported: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -97,10 +100,15 @@ class LorawarmResolver:
             # Not ours: another resolver may know it, and vLLM answers 404 otherwise.
             self.log.debug("lorawarm: no adapter folder for %s", _shown(lora_name))
             return None
-        rules = self.rules_for(base_model_name)
+        rules = self.rules
         result = inspect_adapter(folder, root=self.cache_dir, rules=rules, name=lora_name)
         if isinstance(result, Invalid):
             self._report(lora_name, result.reason, result.message)
+            return None
+        fit = judge(result, self.facts_for(base_model_name), self.policy)
+        if not fit.ok:
+            assert fit.reason is not None  # a misfit always says why
+            self._report(lora_name, fit.reason, fit.message)
             return None
         with self._lock:
             known = self._snapshots.get(lora_name)
@@ -123,21 +131,16 @@ class LorawarmResolver:
             result.rank,
             snapshot.path,
         )
+        for warning in fit.warnings:  # with the snapshot made: once per content, not per call
+            self._note(lora_name, str(warning.code), warning.message)
         return snapshot
 
-    def rules_for(self, base_model_name: str) -> Rules:
-        """The configured rules plus vLLM's `--model` (and its hub id) as accepted base models."""
-        extra = [base_model_name]
-        match = _HF_CACHE_PATH.fullmatch(base_model_name)
-        if match:
-            extra.append(f"{match['org']}/{match['name']}")
-        known = set(self.rules.base_model_aliases)
-        added = tuple(n for n in extra if n and n not in known)
-        if not added:
-            return self.rules
-        return dataclasses.replace(
-            self.rules, base_model_aliases=(*self.rules.base_model_aliases, *added)
-        )
+    def facts_for(self, base_model_name: str) -> ServerFacts:
+        """This vLLM's facts: the endpoint's, else what a call tells (its `--model`)."""
+        learned = self._facts() if self._facts is not None else None
+        if learned is not None:
+            return learned
+        return ServerFacts(model=base_model_name, model_aliases=model_aliases(base_model_name))
 
     def _report_bad_name(self, lora_name: str) -> None:
         try:
@@ -155,20 +158,31 @@ class LorawarmResolver:
 
     def _report(self, lora_name: str, reason: str, message: str) -> None:
         """Log why `lora_name` is not served, once per (name, reason)."""
-        key = (lora_name, str(reason))
-        with self._lock:
-            if key in self._reported:
-                self._reported.move_to_end(key)
-                return
-            self._reported[key] = None
-            while len(self._reported) > MAX_REMEMBERED:
-                self._reported.popitem(last=False)
+        if not self._first(lora_name, reason):
+            return
         self.log.warning(
             "lorawarm: adapter %s is not served (%s): %s",
             _shown(lora_name),
             reason,
             message,
         )
+
+    def _note(self, lora_name: str, code: str, message: str) -> None:
+        """Log a warning about an adapter that is served, once per (name, code)."""
+        if self._first(lora_name, code):
+            self.log.warning("lorawarm: adapter %s (%s): %s", _shown(lora_name), code, message)
+
+    def _first(self, lora_name: str, reason: str) -> bool:
+        """Whether (name, reason) is new: remembered, with the oldest forgotten past a bound."""
+        key = (lora_name, str(reason))
+        with self._lock:
+            if key in self._reported:
+                self._reported.move_to_end(key)
+                return False
+            self._reported[key] = None
+            while len(self._reported) > MAX_REMEMBERED:
+                self._reported.popitem(last=False)
+        return True
 
 
 def _shown(name: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from bench.common import BenchContext, summarize, vllm_context
 
-from bench import cold_start, drop_to_ready, first_request, resolver_cost, scale
+from bench import cold_start, drop_to_ready, endpoint_cost, first_request, resolver_cost, scale
 
 FIGURE = re.compile(r"\| [\d.]+ ms \|")
 
@@ -117,3 +117,17 @@ def test_cold_start_runs(ctx: BenchContext, capsys: pytest.CaptureFixture[str]) 
     assert "| lorawarm run, empty state dir | 20 |" in text, text
     assert "floor 20 (20), lorawarm 20 (20); lorawarm_loads_total 20;" in text, text
     assert "every adapter loaded exactly once in each phase: yes" in text, text
+
+
+@pytest.mark.e2e
+def test_endpoint_cost_runs(ctx: BenchContext, capsys: pytest.CaptureFixture[str]) -> None:
+    """endpoint_cost times the lorawarm route next to vLLM's own, with the adapters it loaded
+    reported resident by the endpoint."""
+    assert endpoint_cost.main(["--rounds", "3", "--adapters", "2"], ctx=ctx) == 0
+    text = capsys.readouterr().out
+    for route in endpoint_cost.ROUTES:
+        assert f"| {route} | 3 |" in text, text
+    [line] = [row for row in text.splitlines() if row.startswith("adapters loaded: 2;")]
+    assert "bench-endpoint-0" in line, line
+    assert "bench-endpoint-1" in line, line
+    assert "/v1/lorawarm/server p50 / /v1/models p50:" in text, text

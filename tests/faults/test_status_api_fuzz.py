@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from lorawarm.catalog import AdapterRecord, Catalog, ServerAdapter, ServerState
+from lorawarm.fit import FitPolicy
 from lorawarm.inspection import Reason
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
+from lorawarm.server_facts import ServerFacts
 from lorawarm.settings import Settings, load
 from lorawarm.snapshot import Snapshot, SnapshotReason
 from lorawarm.status import create_app
@@ -38,6 +40,9 @@ class Server:
 
     status: ServerStatus
     outcomes: dict[str, ServerAdapter] = field(default_factory=dict)
+    facts: ServerFacts | None = None
+    effective_warm_limit: int | None = None
+    policy: FitPolicy = field(default_factory=FitPolicy)
 
     @property
     def url(self) -> str:
@@ -81,7 +86,7 @@ def snap(name: str) -> Snapshot:
 
 def populated(*, ready: bool = True) -> Source:
     """Adapters in every state, hostile names among them, and two servers."""
-    cat = Catalog(pinned=["loaded"], warm_limit=3)
+    cat = Catalog(pinned=["loaded"])
     loaded = ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 2)
     failed = ServerAdapter(
         ServerState.FAILED, 3, "Call to add_lora method failed", Condition.REJECTED

@@ -86,7 +86,7 @@ async def test_published_valid_adapter_gets_a_snapshot(
     assert sorted(p.name for p in snap.path.iterdir()) == [CONFIG, SAFETENSORS]
     assert (snap.path / SAFETENSORS).read_bytes() == (cache / "a" / SAFETENSORS).read_bytes()
     assert daemon.states()[record.name] is AdapterState.PENDING
-    assert daemon.catalog.desired() == [("a", str(snap.path))]
+    assert daemon.reconcilers[0].desired() == [("a", str(snap.path))]
     assert daemon.catalog.warm_version > 0  # what the reconcilers wait on moved
     assert (
         daemon.metrics.registry.get_sample_value("lorawarm_inspections_total", {"verdict": "valid"})
@@ -106,7 +106,7 @@ async def test_in_place_copy_settles_then_is_taken_by_the_timer_hint(
     assert record is not None
     assert record.settling
     assert daemon.states()[record.name] is AdapterState.SETTLING
-    assert daemon.catalog.desired() == []
+    assert daemon.reconcilers[0].desired() == []
     hints = await asyncio.wait_for(daemon.intake.hints.get(), timeout=3)
     assert hints == [Hint(("a",))]
     await daemon.intake.apply(hints)
@@ -129,21 +129,21 @@ async def test_old_folder_found_by_a_rescan_is_taken_at_once(
 async def test_invalid_adapter_records_the_reason(make_daemon: MakeDaemon, cache: Path) -> None:
     """An adapter inspection refuses gets the reason code and message, and no snapshot."""
     daemon = make_daemon()
-    write_adapter(cache / "big", r=64)
+    write_adapter(cache / "big", config={"bias": "all"})
     await daemon.intake.refresh("big", published=True)
     record = daemon.catalog.get("big")
     assert record is not None
-    assert record.reason == "rank_too_large"
+    assert record.reason == "bias_not_supported"
     assert record.message
     assert record.snapshot is None
     assert daemon.states()[record.name] is AdapterState.INVALID
-    assert daemon.catalog.desired() == []
+    assert daemon.reconcilers[0].desired() == []
 
 
 async def test_fixed_invalid_adapter_becomes_valid(make_daemon: MakeDaemon, cache: Path) -> None:
     """Rewriting an invalid adapter correctly clears the reason and snapshots it."""
     daemon = make_daemon()
-    write_adapter(cache / "a", r=64)
+    write_adapter(cache / "a", config={"bias": "all"})
     await daemon.intake.refresh("a", published=True)
     shutil.rmtree(cache / "a")
     write_adapter(cache / "a")
@@ -180,7 +180,7 @@ async def test_modified_adapter_gets_a_new_snapshot(make_daemon: MakeDaemon, cac
     assert new.path != old.path
     assert new.digest != old.digest
     assert old.path.is_dir()
-    assert daemon.catalog.desired() == [("a", str(new.path))]
+    assert daemon.reconcilers[0].desired() == [("a", str(new.path))]
 
 
 async def test_unchanged_adapter_is_not_inspected_again(
@@ -617,7 +617,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LorawarmProces
     base = tmp_path_factory.mktemp("daemon")
     cache = base / "drop"
     age(write_adapter(cache / "good"))
-    age(write_adapter(cache / "org" / "big", r=64))
+    age(write_adapter(cache / "org" / "big", config={"bias": "all"}))
     proc = LorawarmProcess(
         cache,
         base / "state",
@@ -655,7 +655,7 @@ def test_status_table(running: LorawarmProcess, capsys: pytest.CaptureFixture[st
     assert lines[0].split() == ["ADAPTER", "STATE", "REASON", "SERVER", "1"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
     assert rows["good"] == ["pending", "pending", "(unreachable)"]
-    assert rows["org/big"][:2] == ["invalid", "rank_too_large"]
+    assert rows["org/big"][:2] == ["invalid", "bias_not_supported"]
     assert f"SERVER 1  {UNREACHABLE}  unreachable: ConnectError" in out
     assert "org/big: " in out
 

@@ -10,7 +10,15 @@ from importlib.metadata import entry_points
 import pytest
 
 # Modules the vLLM plugin imports: they run inside every vLLM process.
-PLUGIN_SIDE = ("lorawarm_vllm", "lorawarm.inspection", "lorawarm.snapshot", "lorawarm.settings")
+PLUGIN_SIDE = (
+    "lorawarm_vllm",
+    "lorawarm_vllm.endpoint",
+    "lorawarm_vllm.engine_side",
+    "lorawarm.inspection",
+    "lorawarm.snapshot",
+    "lorawarm.settings",
+    "lorawarm.server_facts",
+)
 DAEMON_ONLY = ("watchdog", "httpx", "httpcore", "uvicorn", "starlette", "fastapi")
 
 
@@ -54,6 +62,18 @@ def test_vllm_plugin_entry_point() -> None:
     found = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "lorawarm"]
     assert [ep.value for ep in found] == ["lorawarm_vllm:register"]
     assert callable(found[0].load())
+
+
+def test_vllm_endpoint_plugin_entry_point() -> None:
+    """The `vllm.endpoint_plugins` entry point is named `lorawarm` too (so `VLLM_PLUGINS=lorawarm`
+    enables it with the resolver) and builds an object with vLLM's endpoint-plugin members."""
+    found = [ep for ep in entry_points(group="vllm.endpoint_plugins") if ep.name == "lorawarm"]
+    assert [ep.value for ep in found] == ["lorawarm_vllm.endpoint:LorawarmEndpoint"]
+    plugin = found[0].load()()
+    assert plugin.name == "lorawarm"
+    assert plugin.required_tasks is None
+    assert callable(plugin.attach_router)
+    assert callable(plugin.init_state)
 
 
 def test_console_script_entry_point() -> None:

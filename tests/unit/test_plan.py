@@ -1,12 +1,12 @@
-"""The reconciler's pure parts: `plan()` (property tests), `backoff()`, and the catalog's warm set
-(`Catalog.desired()`) with each adapter's overall state."""
+"""The reconciler's pure parts: `plan()` (property tests), `backoff()` and `warm_set()` (one
+server's warm set from the catalog's order), and each adapter's overall state."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from hypothesis import given
@@ -21,7 +21,7 @@ from lorawarm.catalog import (
     adapter_state,
 )
 from lorawarm.inspection import Reason
-from lorawarm.reconcile import Plan, backoff, plan
+from lorawarm.reconcile import Plan, backoff, plan, warm_set
 from lorawarm.snapshot import Snapshot, SnapshotReason
 
 State = tuple[list[tuple[str, str]], dict[str, str], frozenset[str], frozenset[str]]
@@ -218,7 +218,7 @@ def rec(
         settling=False,
         snapshot=snap(name) if valid else None,
         reason=reason,
-        newest_mtime=mtime,
+        seen_at=mtime,
         validated_at=1.0,
     )
 
@@ -230,22 +230,36 @@ def snap(name: str, digest: str = "0" * 32) -> Snapshot:
 def catalog(
     *records: AdapterRecord, pinned: tuple[str, ...] = (), limit: int | None = None
 ) -> Catalog:
-    cat = Catalog(pinned=list(pinned), warm_limit=limit)
+    cat = OneServer(pinned, limit)
     for r in records:
         cat.add(r)
     return cat
 
 
-def names(cat: Catalog) -> list[str]:
-    return [n for n, _ in cat.desired()]
+class OneServer(Catalog):
+    """A catalog and the warm limit of the one server these tests imagine."""
+
+    def __init__(self, pinned: tuple[str, ...], limit: int | None) -> None:
+        super().__init__(pinned=list(pinned))
+        self.limit = limit
+
+
+def names(cat: OneServer, requested: Mapping[str, float] | None = None) -> list[str]:
+    """The warm set one server with the catalog's limit keeps, by name."""
+    chosen = warm_set(
+        cat.ordered(),
+        pinned=cat.pinned,
+        limit=cat.limit,
+        requested=requested or {},
+    )
+    return [r.name for r in chosen]
 
 
 def test_desired_is_newest_first_with_paths() -> None:
     """Without pins, the warm set is newest first, ties by name, with the snapshot paths."""
     cat = catalog(rec("old", 1), rec("new", 3), rec("mid-b", 2), rec("mid-a", 2))
     assert names(cat) == ["new", "mid-a", "mid-b", "old"]
-    assert cat.desired()[0] == ("new", f"/state/snapshots/new/{'0' * 32}")
-    assert cat.desired_paths() == dict(cat.desired())
+    assert str(cat.ordered()[0].snapshot.path) == f"/state/snapshots/new/{'0' * 32}"
 
 
 def test_pinned_come_first_even_when_old() -> None:
@@ -297,7 +311,7 @@ def test_pins_of_unknown_names_are_ignored() -> None:
 
 def test_empty_catalog_has_empty_warm_set() -> None:
     """No adapters, no warm set."""
-    assert list(catalog().desired()) == []
+    assert names(catalog()) == []
 
 
 def test_catalog_bookkeeping() -> None:
@@ -330,8 +344,8 @@ def test_writes_move_the_versions() -> None:
     steps: list[tuple[Callable[[], object], bool]] = [
         (lambda: cat.add(a), True),
         (cat.touch, False),
-        (lambda: cat.set_snapshot(a, a.snapshot, newest_mtime=1), False),
-        (lambda: cat.set_snapshot(a, snap("a", "1" * 32), newest_mtime=2), True),
+        (lambda: cat.set_snapshot(a, a.snapshot, seen_at=1), False),
+        (lambda: cat.set_snapshot(a, snap("a", "1" * 32), seen_at=2), True),
         (lambda: cat.add(rec("bad", 1, valid=False, reason=Reason.BAD_FIELD)), False),
         (lambda: cat.remove("bad"), False),
         (lambda: cat.set_snapshot(a, None), True),
@@ -344,17 +358,29 @@ def test_writes_move_the_versions() -> None:
         assert cat.warm_version == before[1] + (1 if warm else 0)
 
 
-def test_desired_is_cached_per_warm_version() -> None:
-    """desired() is computed once per warm_version (the same object until the warm set
-    changes); set_snapshot re-orders it by the new newest_mtime."""
+def test_order_is_cached_per_warm_version() -> None:
+    """ordered() is computed once per warm_version (the same object until the warm set
+    changes); set_snapshot re-orders it by when the new content was first seen."""
     a, b = rec("a", 2), rec("b", 1)
     cat = catalog(a, b)
-    first = cat.desired()
+    first = cat.ordered()
     cat.touch()
-    assert cat.desired() is first
-    cat.set_snapshot(b, snap("b", "1" * 32), newest_mtime=3)
+    assert cat.ordered() is first
+    cat.set_snapshot(b, snap("b", "1" * 32), seen_at=3)
     assert names(cat) == ["b", "a"]
-    assert cat.desired_paths()["b"] == f"/state/snapshots/b/{'1' * 32}"
+    assert str(cat.ordered()[0].snapshot.path) == f"/state/snapshots/b/{'1' * 32}"
+
+
+def test_recently_requested_come_before_the_newest() -> None:
+    """With a limit, adapters requested on the server (most recent first) come after the
+    pinned and before the merely newest; without a limit the order is the catalog's."""
+    cat = catalog(rec("p", 0), rec("new", 9), rec("mid", 5), rec("old", 1), pinned=("p",))
+    asked = {"old": 100.0, "mid": 50.0}
+    assert names(cat, asked) == ["p", "new", "mid", "old"]
+    cat.limit = 3
+    assert names(cat, asked) == ["p", "old", "mid"]
+    cat.limit = 1
+    assert names(cat, {"p": 200.0, **asked}) == ["p"]
 
 
 async def test_subscribers_are_set_when_the_warm_set_changes() -> None:
@@ -367,9 +393,9 @@ async def test_subscribers_are_set_when_the_warm_set_changes() -> None:
     assert event.is_set()
     event.clear()
     cat.touch()
-    cat.set_snapshot(a, a.snapshot, newest_mtime=1)
+    cat.set_snapshot(a, a.snapshot, seen_at=1)
     assert not event.is_set()
-    cat.set_snapshot(a, snap("a", "1" * 32), newest_mtime=2)
+    cat.set_snapshot(a, snap("a", "1" * 32), seen_at=2)
     assert event.is_set()
 
 
@@ -380,8 +406,8 @@ def test_released_snapshots_are_counted_per_record() -> None:
     one = rec("one", 1)
     two = rec("two", 1)
     cat = catalog(one, two)
-    cat.set_snapshot(one, shared, newest_mtime=1)
-    cat.set_snapshot(two, shared, newest_mtime=1)
+    cat.set_snapshot(one, shared, seen_at=1)
+    cat.set_snapshot(two, shared, seen_at=1)
     old_one, old_two = f"/state/snapshots/one/{'0' * 32}", f"/state/snapshots/two/{'0' * 32}"
     assert set(cat.released()) == {old_one, old_two}
     cat.remove("one")
@@ -391,7 +417,7 @@ def test_released_snapshots_are_counted_per_record() -> None:
     cat.set_snapshot(two, None)
     assert str(shared.path) not in cat.snapshots_in_use()
     assert before <= cat.released()[str(shared.path)] <= time.time()
-    cat.set_snapshot(two, shared, newest_mtime=1)
+    cat.set_snapshot(two, shared, seen_at=1)
     assert str(shared.path) not in cat.released()
     cat.forget_released([old_one, old_two])
     assert cat.released() == {}

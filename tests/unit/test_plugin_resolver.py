@@ -17,7 +17,9 @@ import pytest
 
 import lorawarm.snapshot as snapshot_module
 import lorawarm_vllm
+from lorawarm.fit import FitPolicy
 from lorawarm.inspection import Reason, Rules
+from lorawarm.server_facts import ServerFacts
 from lorawarm.settings import EX_CONFIG
 from lorawarm.snapshot import Snapshot, SnapshotStore
 from lorawarm_vllm import LorawarmResolver, PluginConfigError, build_resolver, register
@@ -33,8 +35,20 @@ MakeResolver = Callable[..., LorawarmResolver]
 
 @pytest.fixture
 def make_resolver(cache: Path, state: Path) -> MakeResolver:
-    def make(rules: Rules = RULES, state_dir: Path = state) -> LorawarmResolver:
-        return LorawarmResolver(cache, SnapshotStore(state_dir), rules)
+    def make(
+        rules: Rules = RULES,
+        state_dir: Path = state,
+        *,
+        policy: FitPolicy | None = None,
+        facts: ServerFacts | None = None,
+    ) -> LorawarmResolver:
+        return LorawarmResolver(
+            cache,
+            SnapshotStore(state_dir),
+            rules,
+            policy=policy,
+            facts=None if facts is None else (lambda: facts),
+        )
 
     return make
 
@@ -217,7 +231,6 @@ INVALID: dict[str, tuple[Reason, Callable[[Path], Path]]] = {
         Reason.MODULES_TO_SAVE_NOT_SUPPORTED,
         broken(config={"modules_to_save": ["lm_head"]}),
     ),
-    "other_base_model": (Reason.BASE_MODEL_MISMATCH, broken(base_model="/models/other")),
     "no_weights": (Reason.MISSING_WEIGHTS, broken(weights=None)),
     "empty_weights": (Reason.WEIGHTS_EMPTY, broken(weights_bytes=b"")),
     "tensors_of_other_rank": (Reason.WEIGHTS_RANK_MISMATCH, broken(tensor_rank=4)),
@@ -391,15 +404,22 @@ async def test_hostile_name_resolves_to_nothing(
 # ------------------------------------------------------------------------------ base models
 
 
-async def test_model_flag_is_accepted_without_configured_base_model(
-    resolver: LorawarmResolver, cache: Path
+async def test_base_model_name_decides_only_when_configured(
+    make_resolver: MakeResolver, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With no base model configured, an adapter for vLLM's --model (the base_model_name
-    argument) is accepted and one for another model is not."""
+    """With no base model configured, an adapter naming another base model is served (adapters
+    in the wild name quantized variants, training paths or nothing); with one configured, it
+    is refused as base_model_mismatch while vLLM's --model is still accepted."""
     adapter(cache, "mine", base_model=MODEL)
     adapter(cache, "theirs", base_model="/models/other")
-    assert await resolver.resolve_lora(MODEL, "mine") is not None
-    assert await resolver.resolve_lora(MODEL, "theirs") is None
+    adapter(cache, "nobody", config={"base_model_name_or_path": None})
+    free = make_resolver()
+    for name in ("mine", "theirs", "nobody"):
+        assert await free.resolve_lora(MODEL, name) is not None
+    enforced = make_resolver(policy=FitPolicy(base_model="org/tiny-llama"))
+    assert await enforced.resolve_lora(MODEL, "mine") is not None
+    assert await enforced.resolve_lora(MODEL, "theirs") is None
+    assert any("(base_model_mismatch)" in m for m in warnings_about(caplog, "theirs"))
 
 
 async def test_model_flag_matches_despite_trailing_slash(
@@ -411,21 +431,22 @@ async def test_model_flag_matches_despite_trailing_slash(
 
 
 @pytest.mark.parametrize(
-    "rules",
+    "policy",
     [
-        Rules(base_model="meta/tiny", base_model_aliases=("tiny-llama-v1", "org/tiny")),
-        Rules(served_model_names=("org/tiny",)),
-        Rules(base_model="org/tiny"),
+        FitPolicy(base_model="meta/tiny", base_model_aliases=("tiny-llama-v1", "org/tiny")),
+        FitPolicy(base_model="meta/tiny", served_model_names=("org/tiny",)),
+        FitPolicy(base_model="org/tiny"),
     ],
     ids=["alias", "served_name", "configured_base_model"],
 )
 async def test_configured_names_are_accepted(
-    make_resolver: MakeResolver, cache: Path, rules: Rules
+    make_resolver: MakeResolver, cache: Path, policy: FitPolicy
 ) -> None:
-    """An adapter trained for an alias, a served name or the configured base model loads even
-    though it does not name vLLM's --model (the exact match that 404s in vllm#18630)."""
+    """Where a base model is enforced, an adapter trained for an alias, a served name or the
+    configured base model loads even though it does not name vLLM's --model (the exact match
+    that 404s in vllm#18630)."""
     adapter(cache, base_model="org/tiny")
-    assert await make_resolver(rules).resolve_lora(MODEL, "a") is not None
+    assert await make_resolver(policy=policy).resolve_lora(MODEL, "a") is not None
 
 
 async def test_model_flag_is_accepted_besides_configured_names(
@@ -433,29 +454,56 @@ async def test_model_flag_is_accepted_besides_configured_names(
 ) -> None:
     """Configured names widen what is accepted; vLLM's --model stays accepted."""
     adapter(cache)
-    rules = Rules(base_model="org/tiny", base_model_aliases=("other",))
-    assert await make_resolver(rules).resolve_lora(MODEL, "a") is not None
+    policy = FitPolicy(base_model="org/tiny", base_model_aliases=("other",))
+    assert await make_resolver(policy=policy).resolve_lora(MODEL, "a") is not None
 
 
 async def test_offline_hub_cache_path_accepts_the_hub_id(
-    resolver: LorawarmResolver, cache: Path
+    make_resolver: MakeResolver, cache: Path
 ) -> None:
     """With HF_HUB_OFFLINE vLLM passes the hub cache path of `org/name` as --model; an adapter
-    naming `org/name` matches it."""
+    naming `org/name` matches it where a base model is enforced."""
+    resolver = make_resolver(policy=FitPolicy(base_model="acme/enforced"))
     adapter(cache, base_model="org/tiny-llama")
     cached = "/root/.cache/huggingface/hub/models--org--tiny-llama/snapshots/0123abc"
     assert await resolver.resolve_lora(cached, "a") is not None
     assert await resolver.resolve_lora("/root/elsewhere/tiny-llama", "a") is None
 
 
-def test_rules_for_leaves_configured_rules_alone(make_resolver: MakeResolver) -> None:
-    """Adding --model for one call does not change the resolver's configured rules."""
-    rules = Rules(base_model="org/tiny", base_model_aliases=("x",))
-    resolver = make_resolver(rules)
-    widened = resolver.rules_for(MODEL)
-    assert MODEL in widened.accepted_base_models
-    assert resolver.rules == rules
-    assert resolver.rules_for("x") is resolver.rules
+async def test_the_endpoints_facts_judge_what_the_resolver_serves(
+    make_resolver: MakeResolver, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where lorawarm's endpoint learned this vLLM (same process), the resolver judges by its
+    facts, as the daemon does: a rank above its --max-lora-rank or a served name is refused
+    before vLLM is handed anything; without them, only what each call tells is known."""
+    adapter(cache, "big", r=16)
+    adapter(cache, "small", r=8)
+    adapter(cache, "tiny")
+    facts = ServerFacts(model=MODEL, served_model_names=("tiny",), max_lora_rank=8)
+    learned = make_resolver(facts=facts)
+    assert await learned.resolve_lora(MODEL, "small") is not None
+    assert await learned.resolve_lora(MODEL, "big") is None
+    assert await learned.resolve_lora(MODEL, "tiny") is None
+    assert any("(rank_too_large)" in m for m in warnings_about(caplog, "big"))
+    assert any("(name_is_base_model)" in m for m in warnings_about(caplog, "tiny"))
+    assert learned.facts_for("ignored") is facts
+    unknown = make_resolver()
+    assert await unknown.resolve_lora(MODEL, "big") is not None
+    cached = "/root/.cache/huggingface/hub/models--org--tiny-llama/snapshots/0123abc"
+    assert unknown.facts_for(cached).model_names == {cached, "org/tiny-llama"}
+
+
+async def test_another_base_model_is_served_with_a_warning_once(
+    make_resolver: MakeResolver, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adapter naming another base model is served (no base model enforced) and the
+    warning base_model_differs is logged once, not per request."""
+    adapter(cache, "theirs", base_model="unsloth/tiny-llama-bnb-4bit")
+    resolver = make_resolver()
+    for _ in range(3):
+        assert await resolver.resolve_lora(MODEL, "theirs") is not None
+    [warning] = warnings_about(caplog, "theirs")
+    assert "(base_model_differs)" in warning
 
 
 # ------------------------------------------------------------------------------ concurrency
@@ -669,11 +717,9 @@ def test_register_adds_the_lorawarm_resolver(
     assert isinstance(resolver, LoRAResolver)
     assert resolver.cache_dir == cache
     assert resolver.store.root == state / "snapshots"
-    assert resolver.rules == Rules(
-        max_lora_rank=64,
-        base_model_aliases=("org/tiny", "tiny-v1"),
-        max_adapter_bytes=1_000_000,
-        safetensors_only=False,
+    assert resolver.rules == Rules(max_adapter_bytes=1_000_000, safetensors_only=False)
+    assert resolver.policy == FitPolicy(
+        base_model_aliases=("org/tiny", "tiny-v1"), max_lora_rank=64
     )
 
 
@@ -694,7 +740,7 @@ def test_register_with_new_settings_replaces_the_resolver(
     register()
     env.setenv("LORAWARM_BASE_MODEL", "org/tiny")
     register()
-    assert registry.get_resolver("lorawarm").rules.base_model == "org/tiny"
+    assert registry.get_resolver("lorawarm").policy.base_model == "org/tiny"
 
 
 def test_register_resolver_resolves_through_the_registry(
@@ -860,7 +906,9 @@ def test_register_reads_no_env_in_the_resolver(
     """The resolver class takes its settings by constructor only: changing the environment
     after construction changes nothing."""
     adapter(cache, base_model="org/tiny")
-    resolver = LorawarmResolver(cache, SnapshotStore(state), Rules())
+    resolver = LorawarmResolver(
+        cache, SnapshotStore(state), RULES, policy=FitPolicy(base_model="org/other")
+    )
     env.setenv("LORAWARM_BASE_MODEL_ALIASES", "org/tiny")
     env.setenv("LORAWARM_CACHE_DIR", os.devnull)
     assert asyncio.run(resolver.resolve_lora(MODEL, "a")) is None

@@ -9,9 +9,10 @@ answers recorded from a real vLLM 0.32 (tests/support/vllm_responses.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -28,8 +29,9 @@ from lorawarm.catalog import (
 from lorawarm.inspection import Reason, Rules, Valid, inspect_adapter
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerReconciler
+from lorawarm.server_facts import LearnedFrom, ServerFacts
 from lorawarm.snapshot import Snapshot, SnapshotStore
-from lorawarm.vllm_client import Condition, VllmClient
+from lorawarm.vllm_client import Condition, ModelEntry, VllmClient
 from tests.support import vllm_responses as recorded
 from tests.support.fake_vllm import ROUTES, FakeVllm
 from tests.unit.adapters import write_adapter
@@ -151,18 +153,23 @@ class Adapters:
         self.store = store
 
     def snapshot(self, name: str, seed: int = 0) -> Snapshot:
-        folder = write_adapter(self.drop / name, seed=seed)
+        return self.store.create(self.verdict(name, seed), RULES)
+
+    def verdict(self, name: str, seed: int = 0, r: int = 8) -> Valid:
+        folder = write_adapter(self.drop / name, seed=seed, r=r)
         result = inspect_adapter(folder, root=self.drop, rules=RULES, name=name)
         assert isinstance(result, Valid), result
-        return self.store.create(result, RULES)
+        return result
 
-    def record(self, name: str, *, mtime: float, seed: int = 0) -> AdapterRecord:
+    def record(self, name: str, *, mtime: float, seed: int = 0, r: int = 8) -> AdapterRecord:
+        verdict = self.verdict(name, seed, r)
         return AdapterRecord(
             name=name,
             source_path=self.drop / name,
             settling=False,
-            snapshot=self.snapshot(name, seed),
-            newest_mtime=mtime,
+            snapshot=self.store.create(verdict, RULES),
+            adapter=verdict,
+            seen_at=mtime,
             validated_at=time.time(),
         )
 
@@ -170,11 +177,10 @@ class Adapters:
         self,
         *names: str,
         pinned: tuple[str, ...] = (),
-        warm_limit: int | None = None,
         complete: bool = True,
     ) -> Catalog:
         """Records for `names`, the first newest (so the warm order is `names` after pins)."""
-        cat = Catalog(pinned=list(pinned), warm_limit=warm_limit, complete=complete)
+        cat = Catalog(pinned=list(pinned), complete=complete)
         for i, name in enumerate(names):
             cat.add(self.record(name, mtime=1000.0 - i))
         return cat
@@ -189,6 +195,22 @@ def adapters(tmp_path: Path) -> Adapters:
 
 MakeReconciler = Callable[..., ServerReconciler]
 
+# What a reconciler asks first after a (re)start: lorawarm's endpoint (absent from this vLLM).
+LEARN = "/v1/lorawarm/server"
+
+
+def learned(
+    *facts: ServerFacts,
+) -> Callable[[VllmClient, Sequence[ModelEntry]], Awaitable[ServerFacts]]:
+    """A learner that answers `facts` in turn (the last one from then on), as the server's
+    lorawarm endpoint would."""
+    answers = list(facts)
+
+    async def learn(client: VllmClient, models: Sequence[ModelEntry]) -> ServerFacts:
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    return learn
+
 
 @pytest.fixture
 async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
@@ -202,6 +224,8 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
         max_backoff: float = 0.2,
         resync: float = 30.0,
         health: float = 0.02,
+        warm_limit: int | None = None,
+        facts: ServerFacts | None = None,
     ) -> ServerReconciler:
         client = VllmClient(URL, api_key=api_key, transport=fake.transport(), timeout=1.0)
         clients.append(client)
@@ -213,6 +237,8 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
             resync_seconds=resync,
             health_seconds=health,
             max_backoff=max_backoff,
+            warm_limit=warm_limit,
+            **({} if facts is None else {"learner": learned(facts)}),
         )
 
     yield _make
@@ -359,9 +385,9 @@ async def test_adapters_beyond_the_warm_limit_stay_cold(
     adapters: Adapters, make: MakeReconciler
 ) -> None:
     """With warm_limit 1 only the newest is loaded; the other is cold, not pending."""
-    cat = adapters.catalog("new", "old", warm_limit=1)
+    cat = adapters.catalog("new", "old")
     fake = FakeVllm()
-    rec = make(fake, cat)
+    rec = make(fake, cat, warm_limit=1)
     await rec.sync()
     assert fake.ops() == [("load", "new", path(cat, "new"))]
     assert entry_state(rec, cat, "old") == (ServerState.COLD, None)
@@ -372,9 +398,9 @@ async def test_pushed_out_of_the_warm_set_is_unloaded(
     adapters: Adapters, make: MakeReconciler
 ) -> None:
     """A newer adapter that pushes an old one out of the limit: the old one is unloaded first."""
-    cat = adapters.catalog("a", "b", warm_limit=2)
+    cat = adapters.catalog("a", "b")
     fake = FakeVllm()
-    rec = make(fake, cat)
+    rec = make(fake, cat, warm_limit=2)
     await rec.sync()
     cat.add(adapters.record("c", mtime=5000.0))
     fake.calls.clear()
@@ -427,9 +453,9 @@ async def test_with_a_warm_limit_nothing_moves_before_the_first_scan_is_done(
 ) -> None:
     """With a warm limit the order is not known until every folder was seen: nothing is
     loaded that the rest of the scan might push out again."""
-    cat = adapters.catalog("a", "b", warm_limit=1, complete=False)
+    cat = adapters.catalog("a", "b", complete=False)
     fake = FakeVllm()
-    rec = make(fake, cat)
+    rec = make(fake, cat, warm_limit=1)
     await rec.sync()
     assert fake.ops() == []
     cat.mark_complete()
@@ -448,7 +474,9 @@ async def test_replaced_adapter_is_unloaded_before_the_new_path_loads(
     old = path(cat, "a")
     record = cat.get("a")
     assert record is not None
-    cat.set_snapshot(record, adapters.snapshot("a", seed=7), newest_mtime=record.newest_mtime)
+    cat.set_snapshot(
+        record, adapters.snapshot("a", seed=7), adapter=record.adapter, seen_at=record.seen_at
+    )
     new = path(cat, "a")
     assert new != old
     fake.calls.clear()
@@ -551,14 +579,16 @@ async def test_name_taken_by_a_foreign_adapter_is_a_conflict(
 async def test_adapter_named_like_the_base_model_is_a_conflict(
     adapters: Adapters, make: MakeReconciler
 ) -> None:
-    """An adapter folder named like the served base model is never sent to vLLM."""
+    """An adapter folder named like the served base model (learned from /v1/models, not
+    configured) is incompatible there and never sent to vLLM."""
     fake = FakeVllm()
-    cat = Catalog(pinned=[], warm_limit=None)
+    cat = Catalog(pinned=[])
     cat.add(adapters.record(fake.served_model_name, mtime=1.0))
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == []
-    assert entry_state(rec, cat, fake.served_model_name) == (ServerState.FAILED, "name_taken")
+    entry = outcome(rec, cat, fake.served_model_name)
+    assert (entry.state, entry.reason) == (ServerState.INCOMPATIBLE, Reason.NAME_IS_BASE_MODEL)
 
 
 # --- "already been loaded" --------------------------------------------------------------------
@@ -574,7 +604,7 @@ async def test_already_loaded_with_our_path_counts_as_loaded(
     fake.fail("load", before=lambda: fake.registry.update(a=path(cat, "a")))
     rec = make(fake, cat)
     await rec.sync()
-    assert [(c.route, c.status) for c in fake.calls] == [
+    assert [(c.route, c.status) for c in fake.calls if c.route != LEARN] == [
         ("models", 200),
         ("load", 400),
         ("models", 200),
@@ -668,7 +698,9 @@ async def test_a_new_snapshot_of_a_rejected_adapter_is_tried_at_once(
     fake.accept("a")
     record = cat.get("a")
     assert record is not None
-    cat.set_snapshot(record, adapters.snapshot("a", seed=9), newest_mtime=record.newest_mtime)
+    cat.set_snapshot(
+        record, adapters.snapshot("a", seed=9), adapter=record.adapter, seen_at=record.seen_at
+    )
     await rec.sync()
     assert fake.registry == {"a": path(cat, "a")}
 
@@ -918,7 +950,8 @@ async def test_load_timeout_while_health_answers_fails_only_that_adapter(
     fake.fail("load", raises=httpx.ReadTimeout)
     rec = make(fake, cat, max_backoff=0.2)
     await rec.sync()
-    assert [c.route for c in fake.calls] == ["models", "load", "load", "health", "models", "load"]
+    calls = [c.route for c in fake.calls if c.route != LEARN]
+    assert calls == ["models", "load", "load", "health", "models", "load"]
     assert fake.registry.keys() == {"a", "c"}
     assert entry_state(rec, cat, "b") == (ServerState.FAILED, "timeout")
     assert overall(rec, cat, "b") is AdapterState.FAILED
@@ -1016,7 +1049,9 @@ async def test_snapshots_in_use_and_released_for_the_collector(
     assert rec.released() == {}
     record = cat.get("a")
     assert record is not None
-    cat.set_snapshot(record, adapters.snapshot("a", seed=4), newest_mtime=record.newest_mtime)
+    cat.set_snapshot(
+        record, adapters.snapshot("a", seed=4), adapter=record.adapter, seen_at=record.seen_at
+    )
     before = time.time()
     await rec.sync()
     new = path(cat, "a")
@@ -1038,7 +1073,7 @@ async def test_a_snapshot_replaced_during_its_own_load_is_released_at_the_unload
     old = path(cat, "a")
     newer = adapters.snapshot("a", seed=4)
     fake = FakeVllm()
-    fake.fail("load", before=lambda: cat.set_snapshot(record, newer, newest_mtime=1.0))
+    fake.fail("load", before=lambda: cat.set_snapshot(record, newer, seen_at=1.0))
     rec = make(fake, cat)
     await rec.sync()
     assert fake.ops() == [("load", "a", old), ("unload", "a", None), ("load", "a", str(newer.path))]
@@ -1271,3 +1306,89 @@ async def test_a_load_is_in_flight_until_the_next_listing(
     assert server_state(rec, cat, "a") is ServerState.LOADED
     await rec.sync()
     assert rec.loading is None
+
+
+# --- what fits this server, and what its memory keeps -----------------------------------------
+
+TINY = ServerFacts(
+    learned_from=(LearnedFrom.PLUGIN,),
+    model="/models/tiny-llama",
+    served_model_names=("tiny-llama",),
+    max_lora_rank=8,
+    max_loras=2,
+    max_cpu_loras=2,
+    resolver=True,
+    resident=frozenset(),
+)
+
+
+async def test_an_adapter_the_server_cannot_take_is_never_sent(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """Judged against what the server serves (its --max-lora-rank here), a rank-16 adapter is
+    incompatible there and never sent; the rank-8 one loads."""
+    cat = Catalog(pinned=[])
+    cat.add(adapters.record("big", mtime=2.0, r=16))
+    cat.add(adapters.record("small", mtime=1.0))
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=dataclasses.replace(TINY, resolver=False))
+    await rec.sync()
+    assert fake.ops() == [("load", "small", path(cat, "small"))]
+    big = outcome(rec, cat, "big")
+    assert (big.state, big.reason) == (ServerState.INCOMPATIBLE, Reason.RANK_TOO_LARGE)
+    assert overall(rec, cat, "big") is AdapterState.INCOMPATIBLE
+
+
+async def test_with_the_resolver_on_only_what_the_engine_keeps_is_loaded(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """Where lorawarm's resolver serves the rest, the warm set is the engine's CPU cache
+    (max_cpu_loras): the newest two are loaded, the others cold; without the resolver every
+    adapter stays loaded (it could not be requested otherwise)."""
+    cat = adapters.catalog("d", "c", "b", "a")
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=TINY)
+    await rec.sync()
+    assert fake.ops() == [("load", "d", path(cat, "d")), ("load", "c", path(cat, "c"))]
+    assert rec.effective_warm_limit == 2
+    assert entry_state(rec, cat, "a") == (ServerState.COLD, None)
+    other = make(FakeVllm(), cat, facts=dataclasses.replace(TINY, resolver=False))
+    await other.sync()
+    assert set(other.actual) == {"a", "b", "c", "d"}
+    assert other.effective_warm_limit is None
+    assert make(FakeVllm(), cat, facts=TINY, warm_limit=3).effective_warm_limit == 3
+
+
+async def test_a_requested_adapter_joins_the_warm_set_without_churn(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """An adapter the resolver loaded on request (listed, not loaded by lorawarm) is kept, and
+    the least wanted one makes room; later syncs change nothing, so repeated requests to it
+    cost no load and no unload."""
+    cat = adapters.catalog("d", "c", "b", "a")
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=TINY)
+    await rec.sync()
+    fake.registry["a"] = path(cat, "a")  # a request made the resolver load it
+    fake.calls.clear()
+    await rec.sync()
+    assert fake.ops() == [("unload", "c", None)]
+    assert set(fake.registry) == {"a", "d"}
+    assert entry_state(rec, cat, "a") == (ServerState.LOADED, None)
+    fake.calls.clear()
+    for _ in range(3):
+        await rec.sync()
+    assert fake.ops() == []
+
+
+async def test_resident_says_what_the_engine_holds(
+    adapters: Adapters, make: MakeReconciler
+) -> None:
+    """Each adapter's entry says whether the engine holds it in memory, as the server's
+    endpoint reports; unknown (None) before anything was learned."""
+    cat = adapters.catalog("b", "a")
+    fake = FakeVllm()
+    rec = make(fake, cat, facts=dataclasses.replace(TINY, resident=frozenset({"b"})))
+    assert outcome(rec, cat, "a").resident is None
+    await rec.sync()
+    assert (outcome(rec, cat, "a").resident, outcome(rec, cat, "b").resident) == (False, True)

@@ -13,8 +13,8 @@ from lorawarm.settings import EX_CONFIG, ConfigError, Settings, env_name, load, 
 FALLBACKS = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_API_KEY", "STATE_DIRECTORY", "XDG_STATE_HOME")
 
 
-def toml(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "lorawarm.toml"
+def toml(tmp_path: Path, text: str, name: str = "lorawarm.toml") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -24,10 +24,11 @@ def test_defaults(tmp_path: Path) -> None:
     s = load()
     assert s.cache_dir is None
     assert s.state_dir == tmp_path / "home" / ".local" / "state" / "lorawarm"
-    assert s.vllm_urls == ["http://127.0.0.1:8000"]
+    assert s.vllm_urls == []
+    assert [c.url for c in s.server_configs()] == ["http://127.0.0.1:8000"]
     assert s.vllm_api_key is None
     assert s.status_token is None
-    assert (s.max_lora_rank, s.base_model, s.base_model_aliases) == (16, None, [])
+    assert (s.max_lora_rank, s.base_model, s.base_model_aliases) == (None, None, [])
     assert (s.settle_seconds, s.resync_seconds, s.warm_limit, s.pinned) == (5.0, 60.0, None, [])
     assert (s.polling, s.status_host, s.status_port) == (False, "127.0.0.1", 8765)
     assert (s.log_format, s.log_level) == ("auto", "info")
@@ -140,6 +141,56 @@ def test_toml_file(tmp_path: Path) -> None:
     assert s.vllm_api_key is not None
 
 
+def test_servers_tables_override_per_server(tmp_path: Path) -> None:
+    """`[[servers]]` tables name servers with their own overrides, merged over the global
+    settings; `vllm_urls` adds servers with none; without a URL anywhere the default is used
+    only when no table names one."""
+    path = toml(
+        tmp_path,
+        'vllm_urls = ["http://plain:1", "http://a:1"]\n'
+        'vllm_api_key = "global-key"\n'
+        "warm_limit = 5\n"
+        'base_model_aliases = "org/tiny"\n'
+        "[[servers]]\n"
+        'url = "http://a:1/"\n'
+        'api_key = "a-key"\n'
+        "warm_limit = 2\n"
+        "max_lora_rank = 8\n"
+        'base_model = "/models/a"\n'
+        'base_model_aliases = ["org/a"]\n'
+        "[[servers]]\n"
+        'url = "http://b:1"\n',
+    )
+    configs = {c.url: c for c in load(path).server_configs()}
+    assert list(configs) == ["http://a:1", "http://b:1", "http://plain:1"]
+    a, b, plain = configs["http://a:1"], configs["http://b:1"], configs["http://plain:1"]
+    assert (a.api_key, a.warm_limit) == ("a-key", 2)
+    assert (a.policy.max_lora_rank, a.policy.base_model) == (8, "/models/a")
+    assert a.policy.base_model_aliases == ("org/a", "org/tiny")
+    assert (b.api_key, b.warm_limit, b.policy.base_model) == ("global-key", 5, None)
+    assert plain.policy.max_lora_rank is None  # learned from the server
+    only_tables = toml(tmp_path, '[[servers]]\nurl = "http://c:1"\n', name="only.toml")
+    assert [c.url for c in load(only_tables).server_configs()] == ["http://c:1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[[servers]]\nurl = "ftp://x"\n', "not an http(s) URL"),
+        ('[[servers]]\nurl = "http://x"\nwarm_limt = 2\n', "warm_limt"),
+        ('[[servers]]\nurl = "http://x"\n[[servers]]\nurl = "http://x/"\n', "two [[servers]]"),
+        ("[[servers]]\nwarm_limit = 2\n", "url"),
+        ('[[servers]]\nurl = "http://x"\nmax_lora_rank = 0\n', "greater than or equal to 1"),
+    ],
+)
+def test_bad_servers_table_is_one_clear_error(tmp_path: Path, text: str, problem: str) -> None:
+    """A bad `[[servers]]` table is a ConfigError naming the file and the problem."""
+    with pytest.raises(ConfigError) as caught:
+        load(toml(tmp_path, text))
+    assert "servers" in str(caught.value)
+    assert problem in str(caught.value)
+
+
 def test_toml_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """LORAWARM_CONFIG names the TOML file; an explicit path wins over it."""
     monkeypatch.setenv("LORAWARM_CONFIG", str(toml(tmp_path, "max_lora_rank = 8\n")))
@@ -189,7 +240,6 @@ def test_fallback_environment_and_toml(monkeypatch: pytest.MonkeyPatch, tmp_path
         ("LORAWARM_VLLM_URLS", "ftp://x", "not an http(s) URL"),
         ("LORAWARM_VLLM_URLS", "localhost:8000", "not an http(s) URL"),
         ("LORAWARM_VLLM_URLS", "http://", "not an http(s) URL"),
-        ("LORAWARM_VLLM_URLS", " , ", "at least one vLLM URL"),
         ("LORAWARM_VLLM_URLS", "http://a:1,http://a:1/", "listed twice"),
         ("LORAWARM_LOG_LEVEL", "verbose", "'debug', 'info', 'warning' or 'error'"),
         ("LORAWARM_LOG_FORMAT", "xml", "'auto', 'json' or 'console'"),
@@ -341,7 +391,7 @@ def test_reference_table_lists_every_setting() -> None:
     assert "`LORAWARM_CACHE_DIR` or `VLLM_LORA_RESOLVER_CACHE_DIR`" in rows["cache_dir"]
     assert "`LORAWARM_VLLM_API_KEY` or `VLLM_API_KEY`" in rows["vllm_api_key"]
     assert "`STATE_DIRECTORY`" in rows["state_dir"]
-    assert "`16`" in rows["max_lora_rank"]
+    assert "`unset`" in rows["max_lora_rank"]
     assert "`unset`" in rows["warm_limit"]
-    assert "`http://127.0.0.1:8000`" in rows["vllm_urls"]
+    assert "http://127.0.0.1:8000" in rows["vllm_urls"]
     assert "`empty`" in rows["pinned"]

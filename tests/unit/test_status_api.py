@@ -16,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorawarm import __version__
 from lorawarm.catalog import AdapterRecord, Catalog, ServerAdapter, ServerState
+from lorawarm.fit import FitPolicy
 from lorawarm.inspection import Reason
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
+from lorawarm.server_facts import LearnedFrom, ServerFacts
 from lorawarm.snapshot import Snapshot
 from lorawarm.status import create_app
 from lorawarm.vllm_client import Condition
@@ -41,6 +43,9 @@ class Server:
     url: str
     status: ServerStatus
     outcomes: dict[str, ServerAdapter] = field(default_factory=dict)
+    facts: ServerFacts | None = None
+    effective_warm_limit: int | None = None
+    policy: FitPolicy = field(default_factory=FitPolicy)
 
     def outcome(self, record: AdapterRecord) -> ServerAdapter | None:
         """As a reconciler answers: nothing without a snapshot, pending when it has no word."""
@@ -85,14 +90,22 @@ def record(name: str, **kwargs: Any) -> AdapterRecord:
 
 def make_source() -> Source:
     """One adapter in each state: loaded, invalid, settling, failed (on one server), pending
-    (org/name), cold."""
-    cat = Catalog(pinned=[], warm_limit=None)
+    (org/name), cold, incompatible (with every server); one loaded where it fits (S2) and
+    incompatible elsewhere. S1 was learned from lorawarm's endpoint, S2 not at all."""
+    cat = Catalog(pinned=[])
     cat.add(record("loaded", snapshot=snap("loaded")))
     cat.add(record("bad", reason=Reason.RANK_TOO_LARGE, message="rank 64 is above 16"))
     cat.add(record("copying", settling=True, validated_at=None))
     cat.add(record("broken", snapshot=snap("broken")))
     cat.add(record("org/waiting", snapshot=snap("org/waiting")))
     cat.add(record("chilly", snapshot=snap("chilly")))
+    cat.add(record("alien", snapshot=snap("alien")))
+    cat.add(record("picky", snapshot=snap("picky")))
+    alien = ServerAdapter(
+        ServerState.INCOMPATIBLE,
+        last_error="lora_B of q_proj is [128, 8]; the model's q_proj takes [256, r]",
+        reason=Reason.SHAPE_MISMATCH,
+    )
     s1 = Server(
         S1,
         ServerStatus(
@@ -113,7 +126,25 @@ def make_source() -> Source:
                 last_error="Call to add_lora method failed: ...",
             ),
             "chilly": ServerAdapter(ServerState.COLD),
+            "alien": alien,
+            "picky": ServerAdapter(
+                ServerState.INCOMPATIBLE,
+                last_error="rank 16 is above the server's --max-lora-rank 8",
+                reason=Reason.RANK_TOO_LARGE,
+            ),
         },
+        facts=ServerFacts(
+            learned_from=(LearnedFrom.PLUGIN,),
+            vllm_version="0.32.0",
+            model="/models/tiny",
+            served_model_names=("tiny",),
+            max_lora_rank=8,
+            max_loras=2,
+            max_cpu_loras=4,
+            resolver=True,
+            resident=frozenset({"loaded"}),
+        ),
+        effective_warm_limit=4,
     )
     s2 = Server(
         S2,
@@ -128,6 +159,13 @@ def make_source() -> Source:
             "loaded": ServerAdapter(ServerState.LOADED, attempts=2, loaded_at=T0 + 4),
             "broken": ServerAdapter(ServerState.LOADED, attempts=1, loaded_at=T0 + 5),
             "chilly": ServerAdapter(ServerState.COLD),
+            "alien": alien,
+            "picky": ServerAdapter(
+                ServerState.LOADED,
+                attempts=1,
+                loaded_at=T0 + 6,
+                warnings=("base_model_differs",),
+            ),
         },
     )
     return Source(cat, Metrics(), [s1, s2])
@@ -210,6 +248,8 @@ async def test_adapters_lists_every_record_with_counts(client: Client) -> None:
     states = {a["name"]: a["state"] for a in body["adapters"]}
     assert list(states) == sorted(states)
     assert states == {
+        "alien": "incompatible",
+        "picky": "loaded",
         "bad": "invalid",
         "broken": "failed",
         "chilly": "cold",
@@ -222,8 +262,9 @@ async def test_adapters_lists_every_record_with_counts(client: Client) -> None:
         "invalid": 1,
         "failed": 1,
         "pending": 1,
-        "loaded": 1,
+        "loaded": 2,
         "cold": 1,
+        "incompatible": 1,
     }
 
 
@@ -257,6 +298,9 @@ async def test_adapter_json_shape(client: Client) -> None:
         {
             "url": S1,
             "state": "failed",
+            "reason": None,
+            "warnings": [],
+            "resident": None,
             "attempts": 3,
             "condition": "rejected",
             "last_error": "Call to add_lora method failed: ...",
@@ -265,11 +309,27 @@ async def test_adapter_json_shape(client: Client) -> None:
         {
             "url": S2,
             "state": "loaded",
+            "reason": None,
+            "warnings": [],
+            "resident": None,
             "attempts": 1,
             "condition": None,
             "last_error": None,
             "loaded_at": iso(T0 + 5),
         },
+    ]
+    alien, picky = by_name["alien"], by_name["picky"]
+    assert alien["state"] == "incompatible"
+    assert [(s["state"], s["reason"]) for s in alien["servers"]] == [
+        ("incompatible", "shape_mismatch"),
+        ("incompatible", "shape_mismatch"),
+    ]
+    assert "q_proj" in alien["servers"][0]["last_error"]
+    # Loaded where it fits: loaded, with the other server's reason and this one's warning.
+    assert picky["state"] == "loaded"
+    assert [(s["state"], s["reason"], s["warnings"]) for s in picky["servers"]] == [
+        ("incompatible", "rank_too_large", []),
+        ("loaded", None, ["base_model_differs"]),
     ]
     bad = by_name["bad"]
     assert (bad["reason"], bad["message"]) == ("rank_too_large", "rank 64 is above 16")
@@ -315,6 +375,16 @@ async def test_servers_lists_conditions(client: Client) -> None:
                 "unloads": 0,
                 "failures": 0,
                 "collection_held": None,
+                "learned_from": ["plugin"],
+                "model": "/models/tiny",
+                "served_model_names": ["tiny"],
+                "vllm_version": "0.32.0",
+                "max_lora_rank": 8,
+                "max_loras": 2,
+                "max_cpu_loras": 4,
+                "resolver": True,
+                "warm_limit": 4,
+                "resident": ["loaded"],
             },
             {
                 "url": S2,
@@ -328,6 +398,16 @@ async def test_servers_lists_conditions(client: Client) -> None:
                 "unloads": 0,
                 "failures": 4,
                 "collection_held": None,
+                "learned_from": [],
+                "model": None,
+                "served_model_names": [],
+                "vllm_version": None,
+                "max_lora_rank": None,
+                "max_loras": None,
+                "max_cpu_loras": None,
+                "resolver": None,
+                "warm_limit": None,
+                "resident": None,
             },
         ]
     }
@@ -354,8 +434,9 @@ async def test_metrics_are_prometheus_text_with_adapter_states(client: Client) -
         "invalid": 1,
         "failed": 1,
         "pending": 1,
-        "loaded": 1,
+        "loaded": 2,
         "cold": 1,
+        "incompatible": 1,
     }
     loads = [s for s in families["lorawarm_loads"].samples if s.name == "lorawarm_loads_total"]
     assert [(s.labels, s.value) for s in loads] == [({"server": S1}, 2.0)]
@@ -368,6 +449,7 @@ async def test_metrics_follow_the_catalog(client: Client) -> None:
     c = client(source)
     await c.get("/metrics")
     source.catalog.remove("loaded")
+    source.catalog.remove("picky")
     text = (await c.get("/metrics")).text
     assert 'lorawarm_adapters{state="loaded"} 0.0' in text
 

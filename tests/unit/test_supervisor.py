@@ -127,7 +127,7 @@ async def test_invalid_update_keeps_the_last_valid_version_served(
     await daemon.intake.refresh("a", published=True)
     assert record.snapshot == first
     assert record.reason == "weights_truncated"
-    assert daemon.catalog.desired() == [("a", str(first.path))]
+    assert daemon.reconcilers[0].desired() == [("a", str(first.path))]
     assert daemon.states()["a"] is AdapterState.PENDING  # waiting for its server, not invalid
     transport = httpx.ASGITransport(app=create_app(daemon))
     async with httpx.AsyncClient(transport=transport, base_url="http://lorawarm") as client:
@@ -142,7 +142,7 @@ async def test_invalid_update_keeps_the_last_valid_version_served(
     assert record.reason is None
     shutil.rmtree(cache / "a")
     await daemon.intake.refresh("a")
-    assert daemon.catalog.desired() == []
+    assert daemon.reconcilers[0].desired() == []
 
 
 def test_a_second_daemon_on_the_same_state_dir_exits_78(tmp_path: Path) -> None:

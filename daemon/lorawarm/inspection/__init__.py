@@ -9,7 +9,13 @@ vLLM plugin and `lorawarm validate` run this very function.
 
 By concept: `containment` (where the folder and its files really are, and reading them without
 blocking), `peft_config` (`adapter_config.json`), `weights` (the weights file vLLM picks),
+`lora_shape` (what the LoRA tensors touch, for the per-server judgement in `lorawarm.fit`),
 `verdict` (results, reasons, rules and the wording of messages). This module puts them in order.
+
+What depends on a server (its rank limit, the modules and dimensions of its model, its served
+names, the base model when the operator enforces one) is judged by `lorawarm.fit` against that
+server's facts; inspection checks the rank, base model and served names only when `Rules` sets
+them.
 
 Reasons are stable snake_case codes (`Reason`), meant for machines; messages are for people.
 """
@@ -25,6 +31,7 @@ from lorawarm.inspection.containment import (
     real_folder,
     scan,
 )
+from lorawarm.inspection.lora_shape import LoraShape, ModuleDims
 from lorawarm.inspection.peft_config import (
     MAX_CONFIG_BYTES,
     MAX_JSON_DEPTH,
@@ -59,6 +66,8 @@ __all__ = [
     "Context",
     "FileStat",
     "Invalid",
+    "LoraShape",
+    "ModuleDims",
     "Reason",
     "Result",
     "Rules",
@@ -118,7 +127,7 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
         )
     used = (files[CONFIG_FILE], files[weights])
     _check_size(used, rules.max_adapter_bytes)
-    check_weights(Path(real) / weights, files[weights].size, ranks, rules)
+    reader = check_weights(Path(real) / weights, files[weights].size, ranks, rules)
     base = config.get("base_model_name_or_path")
     return Valid(
         name=name,
@@ -127,6 +136,7 @@ def _inspect(folder: Path, root: Path, rules: Rules, name: str) -> Valid:
         weights=weights,
         base_model=base if isinstance(base, str) else None,
         files=used,
+        lora_shape=None if reader is None else reader.shape(config),
     )
 
 

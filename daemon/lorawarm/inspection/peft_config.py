@@ -94,7 +94,7 @@ def check_config(config: dict[str, Any], rules: Rules) -> frozenset[int]:
     """Check the PEFT config as vLLM will, plus the base model; return every rank it declares
     (`r` and the values of `rank_pattern`)."""
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
+    if not _is_lora_type(peft_type):
         raise Reject(
             Reason.WRONG_PEFT_TYPE,
             f'peft_type is {ascii(peft_type)[:40]}; only LoRA adapters ("LORA") can be served',
@@ -125,7 +125,7 @@ def check_config(config: dict[str, Any], rules: Rules) -> frozenset[int]:
         )
     ranks = frozenset({r, *pattern.values()})
     rank = max(ranks)
-    if rank > rules.max_lora_rank:
+    if rules.max_lora_rank is not None and rank > rules.max_lora_rank:
         raise Reject(
             Reason.RANK_TOO_LARGE,
             f"LoRA rank {rank} is above the max LoRA rank {rules.max_lora_rank}",
@@ -134,6 +134,18 @@ def check_config(config: dict[str, Any], rules: Rules) -> frozenset[int]:
     _check_supported(config)
     _check_base_model(config, rules)
     return ranks
+
+
+def _is_lora_type(peft_type: object) -> bool:
+    """vLLM never reads peft_type (`lora/peft_helper.py` takes r, lora_alpha and target_modules,
+    and the weights decide the rest), so it serves "LORA" in any case and also a config whose
+    peft_type is missing, null or "none" (seen from hand-written and converted configs). PEFT
+    itself loads only "LORA". Accepted: any case of "lora", and missing/null/"none", since the
+    weights check then proves the tensors are LoRA matrices of the declared rank; refused: any
+    other method's name ("IA3", "LOHA", "ADALORA", ...), whose weights vLLM cannot read."""
+    if peft_type is None:
+        return True
+    return isinstance(peft_type, str) and peft_type.strip().lower() in ("lora", "none", "")
 
 
 def _raise_rank(context: Context) -> str:

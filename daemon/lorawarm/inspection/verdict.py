@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from lorawarm.inspection.lora_shape import LoraShape
+
 CONFIG_FILE = "adapter_config.json"
 # vLLM tries these in this order (lora/lora_model.py) and uses the first one present.
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
@@ -62,6 +64,9 @@ class Reason(StrEnum):
     WEIGHTS_NOT_LORA = "weights_not_lora"
     WEIGHTS_RANK_MISMATCH = "weights_rank_mismatch"
     WEIGHTS_UNRECOGNIZED = "weights_unrecognized"
+    # Per server (`lorawarm.fit`): the adapter is sound, but this server's model cannot take it.
+    TARGET_MODULES_NOT_SUPPORTED = "target_modules_not_supported"
+    SHAPE_MISMATCH = "shape_mismatch"
 
 
 class Context(StrEnum):
@@ -89,9 +94,15 @@ def norm_model(name: str) -> str:
 
 @dataclass(frozen=True)
 class Rules:
-    """What an adapter is checked against; built from the settings, passed in explicitly."""
+    """What an adapter is checked against; built from the settings, passed in explicitly.
 
-    max_lora_rank: int = 16
+    The rank limit, the base model and the served names belong to a server (`lorawarm.fit`
+    judges them against what each server is learned to run); inspection checks them only when
+    they are set here, as `lorawarm validate --max-lora-rank/--base-model` and the operator's
+    `LORAWARM_MAX_LORA_RANK`/`LORAWARM_BASE_MODEL` do. Unset, they are not checked.
+    """
+
+    max_lora_rank: int | None = None
     base_model: str | None = None
     base_model_aliases: tuple[str, ...] = ()
     served_model_names: tuple[str, ...] = ()
@@ -102,6 +113,10 @@ class Rules:
 
     @property
     def accepted_base_models(self) -> frozenset[str]:
+        """The names base_model_name_or_path must be one of; empty (not checked) unless a base
+        model is set: aliases and served names alone only widen an enforced base model."""
+        if not self.base_model:
+            return frozenset()
         names = [self.base_model, *self.base_model_aliases, *self.served_model_names]
         return frozenset(norm_model(n) for n in names if n)
 
@@ -126,6 +141,9 @@ class Valid:
     weights: str
     base_model: str | None
     files: tuple[FileStat, ...]
+    # What the LoRA tensors touch (from the safetensors header); None for .bin/.pt weights,
+    # which are never opened that far: the per-server module and shape checks are skipped.
+    lora_shape: LoraShape | None = None
 
     ok = True
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorawarm.inspection.containment import open_regular, read_exactly
+from lorawarm.inspection.lora_shape import LORA_SUFFIXES, ShapeReader
 from lorawarm.inspection.verdict import CONFIG_FILE, Context, Reason, Reject, Rules, spell
 
 # The safetensors format caps its header at 100 MB (vLLM refuses anything larger). A real LoRA
@@ -35,8 +36,9 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
-def check_weights(path: Path, size: int, ranks: Set[int], rules: Rules) -> None:
-    """Check the weights file vLLM will load from `path` (`size` bytes as listed)."""
+def check_weights(path: Path, size: int, ranks: Set[int], rules: Rules) -> ShapeReader | None:
+    """Check the weights file vLLM will load from `path` (`size` bytes as listed); return what
+    its LoRA tensors touch when the file is safetensors (a pickle is never opened that far)."""
     if path.suffix != ".safetensors" and rules.safetensors_only:
         raise Reject(
             Reason.PICKLE_NOT_ALLOWED,
@@ -48,9 +50,9 @@ def check_weights(path: Path, size: int, ranks: Set[int], rules: Rules) -> None:
         raise Reject(Reason.WEIGHTS_EMPTY, f"{path.name} is empty", copying=True)
     with open_regular(path) as fd:
         if path.suffix == ".safetensors":
-            check_safetensors(fd, size, ranks, path.name)
-        else:
-            check_torch_file(fd, path.name)
+            return check_safetensors(fd, size, ranks, path.name)
+        check_torch_file(fd, path.name)
+        return None
 
 
 def _allow_pickles(context: Context) -> str:
@@ -65,16 +67,20 @@ def _allow_pickles(context: Context) -> str:
     )
 
 
-def check_safetensors(fd: int, size: int, ranks: Set[int], shown: str) -> None:
-    """Check a whole safetensors file from its header, in one pass over its tensors.
+def check_safetensors(fd: int, size: int, ranks: Set[int], shown: str) -> ShapeReader:
+    """Check a whole safetensors file from its header, in one pass over its tensors; return
+    the modules and dimensions its LoRA tensors imply (`lora_shape`).
 
     `size` is the file's size as listed; a file that shrank since is read short and refused.
     Every tensor's dtype, shape and byte span must agree, the spans must tile the data exactly
     (no gap, no overlap, nothing left over or missing), and the LoRA matrices (`lora_A` [r, in],
     `lora_B` [out, r], embeddings likewise) must be 2-D with an `r` from `ranks`; at least one
-    LoRA matrix must be there.
+    LoRA matrix must be there. A LoRA tensor must be named as vLLM reads one
+    (`...lora_A.weight`, `...lora_embedding_A`; PEFT's unsaved `lora_A.default.weight` is not),
+    and every module needs both its matrices: vLLM refuses anything else on every server.
     """
     header, header_len = _read_header(fd, size)
+    reader = ShapeReader()
     spans: list[tuple[int, int]] = []
     lora = 0
     misfit: Reject | None = None  # reported once the file is known whole: a cut file is that first
@@ -88,20 +94,38 @@ def check_safetensors(fd: int, size: int, ranks: Set[int], shown: str) -> None:
             continue
         spans.append(_span(tname, info))
         shape = info["shape"]  # checked by _span
-        if ".lora_A." in tname or ".lora_embedding_A" in tname:
-            rank_axis = 0
-        elif ".lora_B." in tname or ".lora_embedding_B" in tname:
-            rank_axis = 1
-        else:
+        kind = LORA_SUFFIXES.get(tname[-14:]) or LORA_SUFFIXES.get(tname[-17:])
+        if kind is None:
+            if ".lora_A." in tname or ".lora_B." in tname or ".lora_embedding_" in tname:
+                lora += 1  # a LoRA matrix, but not named as vLLM reads one
+                misfit = misfit or Reject(
+                    Reason.WEIGHTS_UNRECOGNIZED,
+                    f"tensor {ascii(tname)[:80]} is not named as vLLM reads LoRA weights "
+                    "(<module>.lora_A.weight, <module>.lora_B.weight, "
+                    "<module>.lora_embedding_A/B)",
+                )
             continue
         lora += 1
-        if misfit is None and (len(shape) != 2 or shape[rank_axis] not in ranks):
-            misfit = _misfit(tname, shape, ranks)
+        is_a, embedding = kind
+        if misfit is None:
+            if len(shape) != 2 or shape[0 if is_a else 1] not in ranks:
+                misfit = _misfit(tname, shape, ranks)
+            else:
+                cut = 17 if embedding else 14
+                reader.add(tname[:-cut], is_a, embedding, shape)
     _check_tiling(spans, size - 8 - header_len)
     if misfit is not None:
         raise misfit
     if lora == 0:
         raise Reject(Reason.WEIGHTS_NOT_LORA, f"{shown} holds no LoRA tensors (lora_A / lora_B)")
+    alone = reader.unpaired()
+    if alone is not None:
+        raise Reject(
+            Reason.WEIGHTS_NOT_LORA,
+            f"{shown} has no tensor {ascii(alone)[:100]}: a LoRA module needs both its A and B "
+            "matrices",
+        )
+    return reader
 
 
 def _misfit(tname: str, shape: list[int], ranks: Set[int]) -> Reject:
