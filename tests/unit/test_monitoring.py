@@ -95,7 +95,8 @@ def test_the_alerts_operators_need_are_shipped() -> None:
     for rule in by_name.values():
         assert rule["annotations"]["summary"]
         assert rule["labels"]["severity"] in ("warning", "critical")
-    assert str(AdapterState.FAILED) in by_name["LorawarmAdaptersFailing"]["expr"]
+    failing = by_name["LorawarmAdaptersFailing"]["expr"]
+    assert f'state=~"{AdapterState.FAILED}|{AdapterState.INCOMPATIBLE}"' in failing
 
 
 def test_every_series_read_is_one_lorawarm_exports() -> None:
