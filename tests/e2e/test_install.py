@@ -82,7 +82,9 @@ def test_installed_command_validates_a_real_adapter(
     whose rank is above the limit, with its reason."""
     good = adapters.copy_to(tmp_path / "good", seed=1)
     big = adapters.copy_to(tmp_path / "big", seed=2, r=32)
-    result = run(installed, "lorawarm", "validate", "--json", str(good), str(big))
+    result = run(
+        installed, "lorawarm", "validate", "--json", "--max-lora-rank", "16", str(good), str(big)
+    )
     assert result.returncode == 1, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(d["name"], d["valid"]) for d in lines] == [("good", True), ("big", False)]

@@ -3,6 +3,7 @@ bearer token, with the shipped alerting rules loaded."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,12 +93,14 @@ class Prometheus:
 
 @pytest.fixture
 def daemon(tmp_path: Path, adapters: AdapterFactory) -> Iterator[LorawarmProcess]:
-    """lorawarm with a status token, one valid and one invalid adapter, and a vLLM URL nobody
-    answers at (a server that is down)."""
+    """lorawarm with a status token, one valid and one invalid (truncated) adapter, and a
+    vLLM URL nobody answers at (a server that is down)."""
     drop = tmp_path / "drop"
     drop.mkdir()
     adapters.copy_to(drop / "prom-good", seed=1)
-    adapters.copy_to(drop / "prom-big", seed=2, r=32)
+    broken = adapters.copy_to(drop / "prom-broken", seed=2)
+    weights = broken / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # invalid whatever the server
     down = f"http://127.0.0.1:{free_port()}"
     env = {"LORAWARM_STATUS_TOKEN": TOKEN}
     proc = LorawarmProcess(drop, tmp_path / "state", [down], env=env).start()

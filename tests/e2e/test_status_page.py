@@ -5,6 +5,7 @@ Each test saves a screenshot of what it saw in its temp dir (`pytest --basetemp`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,16 +32,19 @@ def names(request: pytest.FixtureRequest) -> dict[str, str]:
     """Adapter names of this test alone: the shared vLLM keeps every name it loaded, and a
     name loaded by an earlier test's daemon is `name_taken` for this one."""
     tag = request.node.name.removeprefix("test_page_")[:12].rstrip("_")
-    return {"good": f"{tag}-good", "big": f"{tag}-big", "late": f"{tag}-late"}
+    return {"good": f"{tag}-good", "broken": f"{tag}-broken", "late": f"{tag}-late"}
 
 
 @pytest.fixture
 def drop(tmp_path: Path, adapters: AdapterFactory, names: dict[str, str]) -> Path:
-    """A drop directory with one good adapter, one whose rank is too large, one hostile name."""
+    """A drop directory with one good adapter, one with truncated weights (invalid on any
+    server), one hostile name."""
     drop = tmp_path / "drop"
     drop.mkdir()
     adapters.copy_to(drop / names["good"], seed=1)
-    adapters.copy_to(drop / names["big"], seed=2, r=32)
+    broken = adapters.copy_to(drop / names["broken"], seed=2)
+    weights = broken / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
     adapters.copy_to(drop / HOSTILE, seed=1)
     return drop
 
@@ -80,14 +84,14 @@ def test_page_shows_adapters_reasons_and_servers(
     with chromium() as driver:
         driver.get(f"{daemon.status_url}/")
         good = wait_rows(driver, "loaded", names["good"])
-        big = wait_rows(driver, "invalid", names["big"])
+        broken = wait_rows(driver, "invalid", names["broken"])
         hostile = wait_rows(driver, "invalid", HOSTILE)
         driver.save_screenshot(str(tmp_path / "status-page.png"))
 
         assert vllm.url in good["servers"]
         assert "loaded" in good["servers"]
-        assert big["reason"] == "rank_too_large"
-        assert "32" in big["message"]
+        assert broken["reason"] == "weights_truncated"
+        assert broken["message"]
         assert hostile["reason"] == "invalid_name"
         assert driver.title == "lorawarm status"
         assert driver.find_elements(By.CSS_SELECTOR, "#content img") == []
