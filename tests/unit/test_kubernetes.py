@@ -126,15 +126,18 @@ def test_lorawarm_is_a_native_sidecar_sharing_the_volumes(
 def test_vllm_container_has_what_the_plugin_needs(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
-    """vLLM loads the lorawarm plugin with runtime LoRA updating on, LoRA enabled, and the
-    plugin's rank limit equal to vLLM's --max-lora-rank; the sidecar warms that same vLLM."""
+    """vLLM loads the lorawarm plugin (resolver and the endpoint the sidecar learns the
+    server from) with runtime LoRA updating and LoRA on, and no setting repeats a vLLM flag
+    (they could disagree); the sidecar warms that same vLLM."""
     _, docs = rendered
     sidecar, vllm = containers(docs)
     values = env(vllm, docs)
     assert values["VLLM_PLUGINS"] == "lorawarm"
     assert values["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
     assert "--enable-lora" in vllm["args"]
-    assert values["LORAWARM_MAX_LORA_RANK"] == flag(vllm["args"], "--max-lora-rank")
+    assert flag(vllm["args"], "--max-lora-rank")
+    learned = {"LORAWARM_MAX_LORA_RANK", "LORAWARM_SERVED_MODEL_NAMES", "LORAWARM_BASE_MODEL"}
+    assert not learned & (set(values) | set(env(sidecar, docs)))
     port = int(flag(vllm["args"], "--port"))
     assert env(sidecar, docs)["LORAWARM_VLLM_URLS"] == f"http://127.0.0.1:{port}"
     assert [p["containerPort"] for p in vllm["ports"]] == [port]
