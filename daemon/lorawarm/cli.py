@@ -61,8 +61,26 @@ def _build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the running daemon did, per adapter")
     status.add_argument("--url", help="status API base URL (default: from the settings)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw the table every --interval until Ctrl-C"
+    )
+    status.add_argument(
+        "--interval",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between redraws with --watch (default: %(default)s)",
+    )
     status.add_argument("--config", type=Path, help="TOML settings file (or LORAWARM_CONFIG)")
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse turns the ValueError into a usage error)."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
 
 
 def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +113,7 @@ def _setting(
     parser.set_defaults(flag_names={**flags, field: flag})
 
 
-_NOT_SETTINGS = {"command", "config", "paths", "json", "url", "flag_names"}
+_NOT_SETTINGS = {"command", "config", "paths", "json", "url", "watch", "interval", "flag_names"}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -156,8 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(args.paths, settings, as_json=args.json)
     if args.command == "status":
-        from lorawarm.status_cli import show_status
+        from lorawarm.status_cli import show_status, watch_status
 
+        if args.watch:
+            return watch_status(settings, url=args.url, as_json=args.json, interval=args.interval)
         return show_status(settings, url=args.url, as_json=args.json)
     problem = _run_problem(settings)
     if problem is not None:

@@ -31,6 +31,7 @@ from lorawarm.intake import Intake
 from lorawarm.logs import configure, get_logger
 from lorawarm.metrics import Metrics
 from lorawarm.notify import Notifier
+from lorawarm.progress import Progress, warm_counts
 from lorawarm.reconcile import ServerReconciler
 from lorawarm.settings import EX_CONFIG, Settings
 from lorawarm.snapshot import SnapshotStore
@@ -127,14 +128,17 @@ class Daemon:
             for record in self.catalog
         }
 
-    def summary(self) -> str:
+    def summary(self, states: Mapping[str, AdapterState] | None = None) -> str:
         """One line for systemd's STATUS=: adapters by state, servers that are ok."""
         counts: dict[str, int] = {}
-        for state in self.states().values():
+        for state in (self.states() if states is None else states).values():
             counts[state] = counts.get(state, 0) + 1
         parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+        return f"adapters: {parts}; {self._servers_ok()}"
+
+    def _servers_ok(self) -> str:
         ok = sum(1 for r in self.reconcilers if r.status.condition == Condition.OK)
-        return f"adapters: {parts}; servers ok: {ok}/{len(self.reconcilers)}"
+        return f"servers ok: {ok}/{len(self.reconcilers)}"
 
     # -- lifecycle --------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -232,22 +236,35 @@ class Daemon:
 
     async def _heartbeat(self) -> None:
         """WATCHDOG=1 from the event loop itself (a wedged loop stops the pings and systemd
-        restarts us), and STATUS= whenever the summary changes."""
+        restarts us), and STATUS= whenever the summary changes; during a long scan or warm-up
+        the line says how far it is (progress.py), redrawn every second."""
         every = self.notifier.watchdog_seconds
         interval = min(every / 2, 5.0) if every else 5.0
         last = ""
-        seen: tuple[int, ...] = ()
+        seen: tuple[object, ...] = ()
+        progress = Progress()
+        busy = False
         while True:
             if every:
                 self.notifier.watchdog()
-            versions = (self.catalog.version, *(r.version for r in self.reconcilers))
-            if versions != seen:  # summary() visits every adapter: ~50 ms at 10,000
+            scan = self.intake.scan_progress
+            versions = (self.catalog.version, *(r.version for r in self.reconcilers), scan)
+            if versions != seen:  # states() visits every adapter: ~50 ms at 10,000
                 seen = versions
-                line = self.summary()
+                if scan is not None and scan[0] < scan[1]:  # no states(): the scan is busy
+                    busy_line = progress.line(scan, None)
+                    line = busy_line or ""
+                else:
+                    states = self.states()
+                    warm = warm_counts(states.values()) if self.ready else None
+                    busy_line = progress.line(None, warm)
+                    line = f"{busy_line}; {self._servers_ok()}" if busy_line else ""
+                    line = line or self.summary(states)
+                busy = busy_line is not None or not self.ready  # a start-up: look often
                 if line != last:
                     self.notifier.status(line)
                     last = line
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, 1.0) if busy else interval)
 
     def _start_status_server(self) -> tuple[uvicorn.Server, asyncio.Task[None]]:
         host, port = self.settings.status_host, self.settings.status_port

@@ -94,6 +94,8 @@ class Intake:
         self.lock = asyncio.Lock()  # held while folders are taken; the collector takes it too
         self.drop_dir_ok = True
         self.watch_problem: str | None = None  # why there are no inotify events
+        # (folders looked at, folders found) by the running or last rescan, for progress.py
+        self.scan_progress: tuple[int, int] | None = None
         self._polling = settings.polling
         self._poll_seconds = settings.poll_seconds
         self._settler = Settler(settings.settle_seconds)
@@ -280,6 +282,8 @@ class Intake:
             for name, fp in zip(names, fps, strict=True)
             if (record := self._observe(name, fp, published=name in published)) is not None
         ]
+        unchanged = len(names) - len(due)
+        self.scan_progress = (unchanged, len(names))
         for start in range(0, len(due), RESCAN_BATCH):
             batch = due[start : start + RESCAN_BATCH]
             try:
@@ -289,6 +293,7 @@ class Intake:
             for (record, fp), outcome in zip(batch, checked, strict=True):
                 counts[_kind(outcome)] += 1
                 await self._isolated(record.name, self._take(record, fp, outcome, quiet=startup))
+            self.scan_progress = (unchanged + start + len(batch), len(names))
         if startup:
             await asyncio.to_thread(self.verdicts.prune, set(names))
             log.info(

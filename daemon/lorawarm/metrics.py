@@ -56,3 +56,8 @@ class Metrics:
             ["verdict"],
             registry=r,
         )
+        self.drop_dir_present = Gauge(
+            "lorawarm_drop_dir_present",
+            "1 while the drop directory exists, 0 while it cannot be found (nothing is taken).",
+            registry=r,
+        )

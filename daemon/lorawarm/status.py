@@ -2,7 +2,8 @@
 
 Routes: `GET /healthz` (the daemon's loop answers), `GET /readyz` (the first scan is done),
 `GET /v1/adapters`, `GET /v1/adapters/{name}`, `GET /v1/servers`, `GET /metrics`
-(Prometheus). With a token configured every route but `/healthz` needs
+(Prometheus), and `GET /` (the status page, `status_page.py`). With a token configured every
+route but `/healthz` and the page (static, it holds no data) needs
 `Authorization: Bearer <token>`. Loopback by default. The response models below are the
 documented JSON (and the OpenAPI schema at `/openapi.json`).
 """
@@ -27,6 +28,7 @@ from lorawarm.fit import FitPolicy
 from lorawarm.metrics import Metrics
 from lorawarm.reconcile import ServerStatus
 from lorawarm.server_facts import ServerFacts
+from lorawarm.status_page import page_router
 
 
 class ServerView(BaseModel):
@@ -316,6 +318,7 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
             )
 
     auth: list[Any] = [Depends(authorize)]
+    app.include_router(page_router())  # `GET /`: static, holds no data, so needs no token
 
     if token is not None:
 
@@ -400,6 +403,7 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
             counts[adapter_state(record, _outcomes(record, source.servers))] += 1
         for state, n in counts.items():
             source.metrics.adapters.labels(state).set(n)
+        source.metrics.drop_dir_present.set(1 if source.drop_dir_ok else 0)
         return Response(generate_latest(source.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

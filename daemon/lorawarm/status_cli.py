@@ -1,9 +1,12 @@
-"""`lorawarm status`: the status API as a table for people, or JSON for scripts."""
+"""`lorawarm status`: the status API as a table for people, or JSON for scripts;
+`--watch` redraws it until Ctrl-C."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -30,27 +33,79 @@ def default_url(settings: Settings) -> str:
     return f"http://{host}:{settings.status_port}"
 
 
-def show_status(settings: Settings, *, url: str | None, as_json: bool) -> int:
-    """Print the daemon's view of every adapter and server; 1 when it cannot be reached."""
-    base = (url or default_url(settings)).rstrip("/")
+def _base(settings: Settings, url: str | None) -> str:
+    return (url or default_url(settings)).rstrip("/")
+
+
+def _client(settings: Settings, base: str) -> httpx.Client:
     headers = {}
     if settings.status_token is not None:
         headers["Authorization"] = f"Bearer {settings.status_token.get_secret_value()}"
-    try:
-        with httpx.Client(base_url=base, headers=headers, timeout=10.0) as client:
-            adapters = _get(client, "/v1/adapters")
-            servers = _get(client, "/v1/servers")
-    except NotStatusApi as err:
-        print(printable(f"lorawarm: {base} {err}"), file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except (httpx.HTTPError, ValueError) as err:
-        print(printable(f"lorawarm: cannot read the status API at {base}: {err}"), file=sys.stderr)
-        return EXIT_UNREACHABLE
+    return httpx.Client(base_url=base, headers=headers, timeout=10.0)
+
+
+def _read(client: httpx.Client, *, as_json: bool) -> str:
+    """The daemon's view as the text to print; raises what `_problem` words."""
+    adapters = _get(client, "/v1/adapters")
+    servers = _get(client, "/v1/servers")
     if as_json:
-        print(json.dumps({"adapters": adapters["adapters"], "servers": servers["servers"]}))
-        return EXIT_OK
-    print(render(adapters, servers))
+        return json.dumps({"adapters": adapters["adapters"], "servers": servers["servers"]})
+    return render(adapters, servers)
+
+
+def _problem(base: str, err: Exception) -> str:
+    if isinstance(err, NotStatusApi):
+        return printable(f"lorawarm: {base} {err}")
+    return printable(f"lorawarm: cannot read the status API at {base}: {err}")
+
+
+def show_status(settings: Settings, *, url: str | None, as_json: bool) -> int:
+    """Print the daemon's view of every adapter and server; 1 when it cannot be reached."""
+    base = _base(settings, url)
+    with _client(settings, base) as client:
+        try:
+            text = _read(client, as_json=as_json)
+        except (httpx.HTTPError, ValueError) as err:  # NotStatusApi is a ValueError
+            print(_problem(base, err), file=sys.stderr)
+            return EXIT_UNREACHABLE
+    print(text)
     return EXIT_OK
+
+
+# Cursor home, clear to the end of the screen: the table is redrawn in place.
+_REDRAW = "\x1b[H\x1b[J"
+
+
+def watch_status(settings: Settings, *, url: str | None, as_json: bool, interval: float) -> int:
+    """Redraw the table every `interval` seconds until Ctrl-C (exit 0). A daemon that cannot
+    be reached is said on the screen and asked again: it may be restarting. On a terminal the
+    screen is redrawn in place; piped (or with `--json`), each view is printed after the last,
+    the JSON one line per view."""
+    redraw = sys.stdout.isatty() and not as_json
+    base = _base(settings, url)
+    try:
+        with _client(settings, base) as client:
+            while True:
+                try:
+                    body = _read(client, as_json=as_json)
+                except (httpx.HTTPError, ValueError) as err:
+                    body = _problem(base, err)
+                    if as_json:
+                        print(body, file=sys.stderr, flush=True)
+                        body = ""
+                if as_json:
+                    if body:
+                        print(body, flush=True)
+                else:
+                    stamp = datetime.now().astimezone().strftime("%H:%M:%S")
+                    head = f"lorawarm status {base}  {stamp}  every {interval:g} s"
+                    frame = f"{head}, Ctrl-C to stop\n\n{body}\n"
+                    print((_REDRAW if redraw else "") + frame, end="", flush=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        if not as_json:
+            print(flush=True)
+        return EXIT_OK
 
 
 def _get(client: httpx.Client, path: str) -> dict[str, Any]:

@@ -172,18 +172,22 @@ def test_fuzz_while_starting(case: schemathesis.Case) -> None:
     assert response.status_code < 500 or (case.path, response.status_code) == ("/readyz", 503)
 
 
+# Open with a token set: the liveness probe, and the status page (static: it holds no data).
+OPEN = {"/healthz", "/"}
+
+
 @locked.parametrize()
 @FUZZ
 def test_fuzz_with_a_token(case: schemathesis.Case) -> None:
     """With a token, fuzzed requests carrying it answer as the schema says, and without it
-    never leak anything but a 401 (or /healthz)."""
+    never leak anything but a 401 (or /healthz and the static status page)."""
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
     wrong = case.call(headers={"Authorization": "Bearer wrong"})
     if case.method.upper() != "GET":  # routing answers before auth: 405, and nothing more
         assert wrong.status_code == 405
         assert wrong.json() == {"detail": "Method Not Allowed"}
     else:
-        assert wrong.status_code == (200 if case.path == "/healthz" else 401)
+        assert wrong.status_code == (200 if case.path in OPEN else 401)
 
 
 def test_every_known_adapter_by_name_matches_the_schema() -> None:
@@ -207,8 +211,9 @@ def concrete(path: str) -> str:
 
 
 async def test_token_guards_every_route_but_healthz() -> None:
-    """With a token set, every route of the app (the schema too) but /healthz answers 401
-    without it, with a wrong one, or with a near miss; with it, each answers normally."""
+    """With a token set, every route of the app (the schema too) but /healthz and the static
+    status page answers 401 without it, with a wrong one, or with a near miss; with it, each
+    answers normally."""
     app = create_app(populated(), token=TOKEN)
     paths = sorted(str(getattr(route, "path_format", "")) for route in app.routes)
     assert set(app.openapi()["paths"]) | {"/openapi.json"} == set(paths)
@@ -227,7 +232,7 @@ async def test_token_guards_every_route_but_healthz() -> None:
         for path in paths:
             for headers in refused:
                 response = await client.get(concrete(path), headers=headers)
-                expected = 200 if path == "/healthz" else 401
+                expected = 200 if path in OPEN else 401
                 assert response.status_code == expected, (path, headers, response.text)
                 if expected == 401:
                     assert response.headers["www-authenticate"] == "Bearer"
