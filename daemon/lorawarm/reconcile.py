@@ -350,12 +350,13 @@ class ServerReconciler:
         self._requested_moved = False
 
     def _learned(self, facts: ServerFacts) -> None:
-        if facts != self.facts:
-            previous, self.facts = self.facts, facts
+        """Take what was learned. Only a change of what adapters are judged by (not of what
+        the engine holds right now, which moves with every request) judges them again."""
+        previous = self.facts
+        judged = dataclasses.replace(facts, resident=None)
+        if previous is None or judged != dataclasses.replace(previous, resident=None):
             self._facts_version += 1
-            self._changed()
-            event = log.info if previous is None or previous.model != facts.model else log.debug
-            event(
+            log.info(
                 "server_learned",
                 server=self.url,
                 learned_from=[str(f) for f in facts.learned_from],
@@ -365,6 +366,9 @@ class ServerReconciler:
                 max_cpu_loras=facts.max_cpu_loras,
                 resolver=facts.resolver,
             )
+        if facts != previous:
+            self.facts = facts
+            self._changed()
         self._learned_at = time.monotonic()
 
     # -- running ------------------------------------------------------------------------------

@@ -199,6 +199,10 @@ MakeReconciler = Callable[..., ServerReconciler]
 LEARN = "/v1/lorawarm/server"
 
 
+def as_list(facts: ServerFacts | list[ServerFacts]) -> list[ServerFacts]:
+    return facts if isinstance(facts, list) else [facts]
+
+
 def learned(
     *facts: ServerFacts,
 ) -> Callable[[VllmClient, Sequence[ModelEntry]], Awaitable[ServerFacts]]:
@@ -225,7 +229,7 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
         resync: float = 30.0,
         health: float = 0.02,
         warm_limit: int | None = None,
-        facts: ServerFacts | None = None,
+        facts: ServerFacts | list[ServerFacts] | None = None,
     ) -> ServerReconciler:
         client = VllmClient(URL, api_key=api_key, transport=fake.transport(), timeout=1.0)
         clients.append(client)
@@ -238,7 +242,7 @@ async def make(adapters: Adapters) -> AsyncIterator[MakeReconciler]:
             health_seconds=health,
             max_backoff=max_backoff,
             warm_limit=warm_limit,
-            **({} if facts is None else {"learner": learned(facts)}),
+            **({} if facts is None else {"learner": learned(*as_list(facts))}),
         )
 
     yield _make
@@ -1415,3 +1419,20 @@ async def test_what_the_resolver_loaded_stays_while_its_folder_is_judged(
     cat.mark_complete()
     await rec.sync()
     assert fake.ops() == [("unload", "a", None)]
+
+
+async def test_what_the_engine_holds_moving_judges_nothing_again(
+    adapters: Adapters, make: MakeReconciler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine's memory changes with every request: learning it again re-reads `resident`
+    but judges no adapter again (an incompatible one is reported once, not at every look)."""
+    cat = Catalog(pinned=[])
+    cat.add(adapters.record("big", mtime=2.0, r=16))
+    moving = [dataclasses.replace(TINY, resident=frozenset({f"x{i}"})) for i in range(4)]
+    rec = make(FakeVllm(), cat, resync=0.0001, facts=moving)
+    for _ in range(4):
+        await rec.sync()
+        assert outcome(rec, cat, "big").state is ServerState.INCOMPATIBLE
+    assert rec.facts is not None
+    assert rec.facts.resident == frozenset({"x3"})
+    assert capsys.readouterr().out.count("adapter_incompatible") == 1
