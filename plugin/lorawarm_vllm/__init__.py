@@ -61,6 +61,7 @@ def register() -> None:
         and current.cache_dir == resolver.cache_dir
         and current.store.root == resolver.store.root
         and current.rules == resolver.rules
+        and repr(current.fetcher) == repr(resolver.fetcher)
     ):
         return
     registry.register_resolver(RESOLVER_NAME, resolver)
@@ -104,7 +105,20 @@ def build_resolver() -> LorawarmResolver | None:
             )
         )
     cache_dir, store = _check_dirs(settings.cache_dir, settings.state_dir)
-    return LorawarmResolver(cache_dir, store, settings.rules(), logger=_log)
+    fetcher = None
+    if settings.sources:
+        from lorawarm.sources.fetch import Fetcher
+        from lorawarm.sources.location import parse_source
+
+        fetcher = Fetcher(
+            [parse_source(s) for s in settings.sources],
+            cache_dir,
+            settings.state_dir,
+            max_bytes=settings.max_adapter_bytes,
+            timeout=settings.source_timeout,
+            concurrency=settings.source_concurrency,
+        )
+    return LorawarmResolver(cache_dir, store, settings.rules(), logger=_log, fetcher=fetcher)
 
 
 def _activated() -> bool:

@@ -23,7 +23,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from lorawarm.inspection import FileStat, Invalid, Rules, inspect_adapter
 from lorawarm.names import BadName, check_name, folder_for
@@ -42,6 +42,14 @@ _HF_CACHE_PATH = re.compile(r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapsh
 MAX_REMEMBERED = 1024
 
 
+class SourceFetch(Protocol):
+    """The on-demand fetch from object storage (`lorawarm.sources.fetch.Fetcher`): publish a
+    name some source has into the drop directory; False when none has it. Raises an error with
+    `condition` and `message` (`SourceError`) when it cannot."""
+
+    def fetch(self, name: str) -> bool: ...
+
+
 class LorawarmResolver:
     """Resolves an adapter name to a validated, immutable snapshot of its drop folder.
 
@@ -57,8 +65,10 @@ class LorawarmResolver:
         rules: Rules,
         *,
         logger: logging.Logger | None = None,
+        fetcher: SourceFetch | None = None,
     ) -> None:
         self.cache_dir = Path(os.path.abspath(cache_dir))
+        self.fetcher = fetcher
         self.store = store
         self.rules = rules
         self.log = logger or logging.getLogger(__name__)
@@ -93,7 +103,7 @@ class LorawarmResolver:
         if folder is None:
             self._report_bad_name(lora_name)
             return None
-        if not os.path.lexists(folder):
+        if not os.path.lexists(folder) and not self._fetch(lora_name):
             # Not ours: another resolver may know it, and vLLM answers 404 otherwise.
             self.log.debug("lorawarm: no adapter folder for %s", _shown(lora_name))
             return None
@@ -124,6 +134,17 @@ class LorawarmResolver:
             snapshot.path,
         )
         return snapshot
+
+    def _fetch(self, lora_name: str) -> bool:
+        """Not found locally -> try the sources: True when a source published the folder."""
+        if self.fetcher is None:
+            return False
+        try:
+            return self.fetcher.fetch(lora_name)
+        except Exception as err:  # noqa: BLE001 - a failed fetch is "not found", logged once
+            condition = str(getattr(err, "condition", type(err).__name__))
+            self._report(lora_name, f"source_{condition}", str(getattr(err, "message", err)))
+            return False
 
     def rules_for(self, base_model_name: str) -> Rules:
         """The configured rules plus vLLM's `--model` (and its hub id) as accepted base models."""
