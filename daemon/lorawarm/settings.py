@@ -397,7 +397,10 @@ def _describe(err: ValidationError, where: dict[str, str]) -> str:
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = (
-        "" if "key" in field or "token" in field or isinstance(given, dict) else f" (got {given!r})"
+        ""
+        # a source URL may carry a credential by mistake: its message shows what is safe
+        if "key" in field or "token" in field or field == "sources" or isinstance(given, dict)
+        else f" (got {given!r})"
     )
     return f"{what}: {message}{shown}"
 

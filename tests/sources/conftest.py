@@ -15,15 +15,6 @@ from tests.support.s3 import Bucket, MotoS3, S3Proxy, credentials_env
 _buckets = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def moto() -> Iterator[MotoS3]:
-    server = MotoS3().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def proxy(moto: MotoS3) -> Iterator[S3Proxy]:
     with S3Proxy(moto.port).running() as running:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,13 @@ def make_sync(bucket: Bucket, drop: Path, state: Path, prefix: str = "lora/") ->
 
 
 def run_once(sync: SourceSync) -> None:
-    async def go() -> None:
-        sync._entries = await asyncio.to_thread(sync._start)
-        await sync.sync_once()
-
-    asyncio.run(go())
+    """One listing-and-sync pass, as the daemon's loop runs it."""
+    asyncio.run(sync.sync_once())
 
 
 def again(sync: SourceSync) -> None:
+    """The next pass, after the (10 ms) retry backoff of a failed download has passed."""
+    time.sleep(0.05)
     asyncio.run(sync.sync_once())
 
 
@@ -255,7 +255,6 @@ def test_download_faults_leave_nothing_half_visible_and_converge(
     assert not (drop / "fresh").exists()
     assert os.listdir(drop / ".lorawarm-sync") == []
     proxy.clear()
-    sync._retries.clear()
     again(sync)
     assert (drop / "alpha" / "adapter_model.safetensors").read_bytes() == (
         new / "adapter_model.safetensors"
@@ -283,7 +282,6 @@ def test_object_replaced_between_listing_and_download(
     run_once(sync)
     assert status(sync)["condition"] == "changed"
     assert not (drop / "alpha").exists()
-    sync._retries.clear()
     again(sync)
     assert (drop / "alpha" / "adapter_model.safetensors").read_bytes() == (
         newer / "adapter_model.safetensors"

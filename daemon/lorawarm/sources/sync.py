@@ -168,7 +168,6 @@ class SourceSync:
     async def run(self) -> None:
         """List and sync until cancelled."""
         self._wake = asyncio.Event()
-        self._entries = await asyncio.to_thread(self._start)
         slots = asyncio.Semaphore(self.concurrency)
         while True:
             await self.sync_once(slots)
@@ -180,14 +179,17 @@ class SourceSync:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             self._wake.clear()
 
-    def _start(self) -> dict[str, Entry]:
+    def _start(self) -> None:
+        """The first pass's blocking preparation: the client, the manifest, old staging."""
         self._client = self._factory()
         clean_staging(self.drop)
-        return self.manifest.entries()
+        self._entries = self.manifest.entries()
 
     async def sync_once(self, slots: asyncio.Semaphore | None = None) -> None:
         """One pass: list every source, download what changed, remove what is gone."""
         slots = slots or asyncio.Semaphore(self.concurrency)
+        if self._client is None:
+            await asyncio.to_thread(self._start)
         listings: dict[str, Listing] = {}
         for source in self.sources:
             listing = await self._list(source)
