@@ -32,6 +32,7 @@ from tests.support.s3 import ACCESS_KEY, SECRET_KEY, credentials_env
 from tests.support.vllm_server import free_port
 
 from bench.common import (
+    BenchContext,
     Summary,
     dump_json,
     header,
@@ -112,7 +113,7 @@ def put_adapter(client: Any, bucket: str, key_prefix: str, folder: Path) -> None
 
 def measure_lorawarm(
     work: Path,
-    url: str,
+    ctx: BenchContext,
     endpoint: str,
     bucket: str,
     src: Path,
@@ -127,10 +128,11 @@ def measure_lorawarm(
     daemon = lorawarm(
         drop,
         state,
-        [url],
+        [ctx.url],
         log_path=work / f"{label}.log",
         SOURCES=f"s3://{bucket}/{label}/",
         SOURCE_POLL_SECONDS=str(poll),
+        MAX_LORA_RANK=str(ctx.max_lora_rank),
     )
     daemon.env_overrides.update(credentials_env(endpoint))
     samples = []
@@ -141,7 +143,7 @@ def measure_lorawarm(
             time.sleep(rng.uniform(0, poll))
             put_adapter(client, bucket, f"{label}/{name}/", src)
             started = time.perf_counter()
-            seen = wait_listed(http, url, name, timeout=poll + 120)
+            seen = wait_listed(http, ctx.url, name, timeout=poll + 120)
             samples.append(seen - started)
     return samples
 
@@ -174,7 +176,8 @@ def measure_floor(
     return transfer, loaded
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, ctx: BenchContext | None = None) -> int:
+    """Run the benchmark; with `ctx`, against its (already running) vLLM server and model."""
     args = parse_args(argv)
     header(
         "Source-to-ready: last object put -> listed in /v1/models", "bench.source_to_ready", argv
@@ -183,45 +186,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     polls = [float(p) for p in args.polls.split(",") if p]
     sizes = [s for s in args.sizes.split(",") if s]
     series: dict[str, Summary] = {}
-    with scratch(args.keep) as work:
-        large = "large" in sizes
-        model = large_model() if large else tiny_model()
-        adapters = {s: real_adapter(model, large=(s == "large")) for s in sizes}
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(scratch(args.keep))
+        endpoint = stack.enter_context(moto_process(work))
+        if ctx is None:
+            model = large_model() if "large" in sizes else tiny_model()
+            ctx = stack.enter_context(vllm_context(model, work, plugins=False, max_lora_rank=64))
+        adapters = {s: real_adapter(ctx.model, large=(s == "large")) for s in sizes}
         for s, folder in adapters.items():
             size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             print(f"{s} adapter: {size / 1e6:.1f} MB", flush=True)
-        with (
-            moto_process(work) as endpoint,
-            vllm_context(model, work, plugins=False, max_lora_rank=64) as ctx,
-            httpx.Client(timeout=60) as http,
-        ):
-            client = s3_client(endpoint)
-            bucket = "bench-adapters"
-            client.create_bucket(Bucket=bucket)
-            for size, src in adapters.items():
-                print(f"{size}: floor (boto3 download_file, then POST load) ...", flush=True)
-                transfer, loaded = measure_floor(
-                    work, ctx.url, bucket, src, size, args.count, client, http
+        http = stack.enter_context(httpx.Client(timeout=60))
+        client = s3_client(endpoint)
+        bucket = "bench-adapters"
+        client.create_bucket(Bucket=bucket)
+        for size, src in adapters.items():
+            print(f"{size}: floor (boto3 download_file, then POST load) ...", flush=True)
+            transfer, loaded = measure_floor(
+                work, ctx.url, bucket, src, size, args.count, client, http
+            )
+            series[f"{size}|boto3 download_file (transfer only)"] = summarize(transfer)
+            series[f"{size}|boto3 download_file + POST load -> listed"] = summarize(loaded)
+            for poll in polls:
+                label = f"{size}-p{poll:g}".replace(".", "_")
+                print(f"{size}: lorawarm, poll {poll:g} s ...", flush=True)
+                samples = measure_lorawarm(
+                    work,
+                    ctx,
+                    endpoint,
+                    bucket,
+                    src,
+                    label,
+                    poll,
+                    args.count,
+                    rng,
+                    client,
+                    http,
                 )
-                series[f"{size}|boto3 download_file (transfer only)"] = summarize(transfer)
-                series[f"{size}|boto3 download_file + POST load -> listed"] = summarize(loaded)
-                for poll in polls:
-                    label = f"{size}-p{poll:g}".replace(".", "_")
-                    print(f"{size}: lorawarm, poll {poll:g} s ...", flush=True)
-                    samples = measure_lorawarm(
-                        work,
-                        ctx.url,
-                        endpoint,
-                        bucket,
-                        src,
-                        label,
-                        poll,
-                        args.count,
-                        rng,
-                        client,
-                        http,
-                    )
-                    series[f"{size}|lorawarm, poll {poll:g} s"] = summarize(samples)
+                series[f"{size}|lorawarm, poll {poll:g} s"] = summarize(samples)
     rows = []
     for key, s in series.items():
         size, who = key.split("|")

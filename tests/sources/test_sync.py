@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from lorawarm.sources.sync import CONFIRM_FILE, SourceSync
-from tests.support.s3 import Bucket, Fault, S3Proxy, credentials_env
+from tests.support.s3 import Bucket, Fault, MotoS3, S3Proxy, credentials_env
 from tests.unit.adapters import write_adapter
 
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -286,3 +286,49 @@ def test_object_replaced_between_listing_and_download(
     assert (drop / "alpha" / "adapter_model.safetensors").read_bytes() == (
         newer / "adapter_model.safetensors"
     ).read_bytes()
+
+
+_DOWNLOAD_PEAK = """
+import sys
+from lorawarm.sources.bucket import download, list_source, make_client
+from lorawarm.sources.location import parse_source
+client = make_client(timeout=30, connections=1)
+listing = list_source(client, parse_source(sys.argv[1]), max_bytes=1 << 30)
+obj = listing.adapters["one"]["adapter_model.safetensors"]
+assert download(client, parse_source(sys.argv[1]).bucket, obj, sys.argv[2]) == obj.size
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+"""
+
+
+def test_memory_does_not_grow_with_the_object_size(
+    bucket: Bucket, tmp_path: Path, moto: MotoS3
+) -> None:
+    """Downloading a 128 MB object peaks at about the memory of downloading an 8 MB one (the
+    body is streamed to disk in 1 MiB chunks), measured as the peak RSS of a process that
+    does nothing else."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto.endpoint}  # past the buffering proxy
+    peaks = {}
+    for mb in (8, 128):
+        bucket.put(f"m{mb}/one/adapter_config.json", b"{}")
+        bucket.put(f"m{mb}/one/adapter_model.safetensors", os.urandom(1 << 20) * mb)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _DOWNLOAD_PEAK,
+                f"s3://{bucket.name}/m{mb}/",
+                str(tmp_path / f"w{mb}"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        peaks[mb] = int(done.stdout.split()[-1])  # KiB
+        assert (tmp_path / f"w{mb}").stat().st_size == mb << 20
+    assert peaks[128] - peaks[8] < 16 << 10, peaks

@@ -188,7 +188,12 @@ def download(client: Any, bucket: str, obj: ObjectInfo, dest: str) -> int:
                         )
                     if md5 is not None:
                         md5.update(chunk)
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as err:  # the drop directory's disk, not the store
+                        raise SourceError(
+                            "local_error", f"writing {dest}: {err.strerror}"
+                        ) from None
             except SourceError:
                 raise
             except Exception as err:  # noqa: BLE001 - a stream cut short, a checksum
