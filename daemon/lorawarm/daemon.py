@@ -236,6 +236,8 @@ class Daemon:
             log.info("stopping")
             self.notifier.stopping()
             self.intake.stop()
+            if self.sync is not None:
+                self.sync.stop()
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -253,6 +255,8 @@ class Daemon:
             return
         self._closed = True
         self.intake.stop()
+        if self.sync is not None:
+            self.sync.stop()
         for r in self.reconcilers:
             await r.client.aclose()
 

@@ -106,8 +106,9 @@ class Bucket:
 class Fault:
     """What the proxy does to requests matching `method` and `key` (a substring of the path):
     `status` answers an S3 error `count` times; `reset` sends the headers and half the body,
-    then resets the connection; `slow` sleeps `seconds` after the headers; `before` runs a
-    callback before forwarding (e.g. replace the object)."""
+    then resets the connection; `slow` sleeps `seconds` after half the body; `trickle` sends
+    the body 64 KiB at a time, `seconds` apart; `before` runs a callback before forwarding
+    (e.g. replace the object)."""
 
     kind: str
     count: int = 1_000_000
@@ -203,6 +204,13 @@ class S3Proxy:
                     return None
                 if fault is not None and fault.kind == "slow":
                     self.wfile.write(data[len(data) // 2 :])
+                    return None
+                if fault is not None and fault.kind == "trickle":
+                    with contextlib.suppress(OSError):
+                        for at in range(0, len(data), 64 << 10):
+                            self.wfile.write(data[at : at + (64 << 10)])
+                            self.wfile.flush()
+                            time.sleep(fault.seconds)
                     return None
                 self.wfile.write(data)
                 return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,13 +154,20 @@ def _pages(client: Any, bucket: str, prefix: str, listing: Listing) -> Iterator[
             raise SourceError("bad_response", "a truncated listing without a continuation token")
 
 
-def download(client: Any, bucket: str, obj: ObjectInfo, dest: str) -> int:
+def download(
+    client: Any,
+    bucket: str,
+    obj: ObjectInfo,
+    dest: str,
+    stopping: Callable[[], bool] | None = None,
+) -> int:
     """Stream `obj` into the new file `dest`; the number of bytes written.
 
     The GET is conditional on the listed ETag (an object replaced since the listing is
     `changed`, never half old and half new); the size must be the listed one; the body's MD5
     must equal a plain (single-part, unencrypted) ETag, and botocore checks the store's
-    flexible checksum (CRC32/SHA) where the object has one.
+    flexible checksum (CRC32/SHA) where the object has one. `stopping` is asked after every
+    chunk: a daemon asked to stop does not wait for a large download to finish.
     """
     try:
         response = client.get_object(
@@ -181,6 +188,8 @@ def download(client: Any, bucket: str, obj: ObjectInfo, dest: str) -> int:
         with os.fdopen(fd, "wb") as out:
             try:
                 for chunk in body.iter_chunks(CHUNK):
+                    if stopping is not None and stopping():
+                        raise SourceError("stopped", "lorawarm is stopping")
                     written += len(chunk)
                     if written > obj.size:
                         raise SourceError(

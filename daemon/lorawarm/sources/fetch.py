@@ -37,6 +37,7 @@ def fetch_adapter(
     drop: Path,
     state_dir: Path,
     manifest: Manifest,
+    stopping: Callable[[], bool] | None = None,
 ) -> tuple[int, Entry | None]:
     """Download `objects` of adapter `name` into staging and publish them into `drop`.
 
@@ -60,7 +61,7 @@ def fetch_adapter(
         try:
             total = 0
             for file, obj in sorted(objects.items()):
-                total += download(client, source.bucket, obj, str(staged / file))
+                total += download(client, source.bucket, obj, str(staged / file), stopping)
             staged_id = folder_id(staged)
             assert staged_id is not None
             new = Entry(name, source.url, wanted, staged_id, time.time(), previous=current)

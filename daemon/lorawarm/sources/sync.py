@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,7 @@ class SourceSync:
         self._retries: dict[str, _Retry] = {}
         self._wake: asyncio.Event | None = None
         self._client: Any = None
+        self._stopping = threading.Event()
 
     # -- what the status API reads ----------------------------------------------------------
     def source_of(self, name: str) -> str | None:
@@ -160,6 +162,10 @@ class SourceSync:
         return [self.status[s.url] for s in self.sources]
 
     # -- lifecycle --------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Abandon downloads in flight (their threads stop after the chunk at hand)."""
+        self._stopping.set()
+
     def sync_soon(self) -> None:
         """What SIGHUP does: list every source now."""
         if self._wake is not None:
@@ -229,9 +235,9 @@ class SourceSync:
         for source in self.sources:
             listing = listings.get(source.url)
             status = self.status[source.url]
-            status.conflicts = sorted(conflicts[source.url])[:100]
             if listing is None:
                 continue
+            status.conflicts = sorted(conflicts[source.url])[:100]
             await self._remove_gone(source, listing, status)
             status.synced = synced[source.url]
             failing = [r for r in self._retries.values() if r.source == source.url]
@@ -326,9 +332,10 @@ class SourceSync:
                     drop=self.drop,
                     state_dir=self.state_dir,
                     manifest=self.manifest,
+                    stopping=self._stopping.is_set,
                 )
             except SourceError as err:
-                if err.condition == "conflict":
+                if err.condition in ("conflict", "stopped"):
                     return None
                 retry = self._retries.get(name)
                 attempts = 1 + (retry.attempts if retry else 0)
