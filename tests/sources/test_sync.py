@@ -332,3 +332,33 @@ def test_memory_does_not_grow_with_the_object_size(
         peaks[mb] = int(done.stdout.split()[-1])  # KiB
         assert (tmp_path / f"w{mb}").stat().st_size == mb << 20
     assert peaks[128] - peaks[8] < 16 << 10, peaks
+
+
+def test_hostile_keys_are_skipped_with_a_reason(
+    bucket: Bucket, drop: Path, state: Path, tmp_path: Path
+) -> None:
+    """Keys that cannot be adapters (a name with a space or a dot-part, a file name with a space
+    three levels deep, more than max_adapter_bytes) are never downloaded;
+    each is reported with its reason and the valid neighbour is synced."""
+    src = write_adapter(tmp_path / "src", seed=1)
+    config = (src / "adapter_config.json").read_bytes()
+    weights = (src / "adapter_model.safetensors").read_bytes()
+    for name in ("bad name", "ok-name/.hidden", "a/b/c"):
+        bucket.put(f"lora/{name}/adapter_config.json", config)
+        bucket.put(f"lora/{name}/adapter_model.safetensors", weights)
+    bucket.put("lora/spaced/adapter_config.json", config)
+    bucket.put("lora/spaced/adapter_model.safetensors", weights)
+    bucket.put("lora/spaced/evil name;rm", b"x")
+    bucket.put("lora/huge/adapter_config.json", config)
+    bucket.put("lora/huge/adapter_model.safetensors", b"\0" * 10_000_001)
+    bucket.put_adapter("lora/", "fine", src)
+    sync = make_sync(bucket, drop, state)
+    run_once(sync)
+    skipped = status(sync)["skipped"]
+    assert isinstance(skipped, dict)
+    assert skipped["bad name"].startswith("invalid_name")
+    assert skipped["ok-name/.hidden"].startswith("invalid_name")
+    assert skipped["spaced"].startswith("bad_key")
+    assert skipped["huge"].startswith("too_large")
+    assert sorted(n for n in os.listdir(drop) if not n.startswith(".")) == ["fine"]
+    assert status(sync)["condition"] == "ok"
