@@ -52,10 +52,11 @@ def test_sigterm_during_a_download_exits_promptly_and_leaves_nothing(
 ) -> None:
     """A 32 MB weights object trickling in at 640 KiB/s is abandoned on SIGTERM: exit 0
     within a few seconds, no folder and no staging left visible in the drop directory."""
+    wait_for(lambda: sources(daemon)["listings"] == 1, what="the first listing")
+    proxy.faults.append(Fault("trickle", key="slowpoke/adapter_model", seconds=0.1))
     folder = write_adapter(tmp_path / "src", seed=2)
     bucket.put_adapter("lora/", "slowpoke", folder)
     bucket.put("lora/slowpoke/adapter_model.safetensors", os.urandom(1 << 20) * 32)
-    proxy.faults.append(Fault("trickle", key="slowpoke/adapter_model", seconds=0.1))
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGHUP)
     wait_for(lambda: proxy.count("GET", "slowpoke/adapter_model"), what="the download began")
