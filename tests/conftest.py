@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.s3 import MotoS3
 from tests.support.vllm_server import VllmServer
 
 
@@ -52,3 +53,13 @@ def vllm(tiny_model: Path) -> Iterator[VllmServer]:
     server = VllmServer(tiny_model, extra_args=["--max-loras", "2", "--max-cpu-loras", "4"])
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoS3]:
+    """A real S3 protocol server on loopback (moto), shared by the source tests."""
+    server = MotoS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()

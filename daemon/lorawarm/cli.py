@@ -44,6 +44,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _setting(run, "--warm-limit", "warm_limit", type=int)
     _setting(run, "--pin", "pinned", action="append", repeatable=True)
     _setting(run, "--polling", "polling", action=argparse.BooleanOptionalAction, default=None)
+    _setting(run, "--source", "sources", action="append", repeatable=True)
+    _setting(run, "--source-poll-seconds", "source_poll_seconds", type=float)
     _setting(run, "--status-host", "status_host")
     _setting(run, "--status-port", "status_port", type=int)
     _setting(run, "--log-format", "log_format", choices=["auto", "json", "console"])

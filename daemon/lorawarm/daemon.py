@@ -35,6 +35,7 @@ from lorawarm.progress import Progress, warm_counts
 from lorawarm.reconcile import ServerReconciler
 from lorawarm.settings import EX_CONFIG, Settings
 from lorawarm.snapshot import SnapshotStore
+from lorawarm.sources.sync import SourceSync
 from lorawarm.status import create_app
 from lorawarm.vllm_client import Condition, VllmClient
 
@@ -91,6 +92,22 @@ class Daemon:
             self.metrics,
             grace=settings.snapshot_grace_seconds,
             lock=self.intake.lock,
+        )
+        # Object-storage sources: their own stage, writing into the drop directory only.
+        self.sync = (
+            SourceSync(
+                settings.sources,
+                self.intake.root,
+                settings.state_dir,
+                self.metrics.registry,
+                poll_seconds=settings.source_poll_seconds,
+                concurrency=settings.source_concurrency,
+                timeout=settings.source_timeout,
+                max_bytes=settings.max_adapter_bytes,
+                max_backoff=settings.max_backoff_seconds,
+            )
+            if settings.sources
+            else None
         )
         self.ready = False
         self.status_port: int | None = None
@@ -157,13 +174,19 @@ class Daemon:
             os._exit(130)
         self.request_stop()
 
+    def hangup(self) -> None:
+        """What SIGHUP does: rescan the drop directory and list every source now."""
+        self.intake.rescan_soon()
+        if self.sync is not None:
+            self.sync.sync_soon()
+
     async def run(self) -> int:
         """Run until asked to stop; returns the exit code."""
         loop = asyncio.get_running_loop()
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
             (signal.SIGINT, self.interrupt),
-            (signal.SIGHUP, self.intake.rescan_soon),
+            (signal.SIGHUP, self.hangup),
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
@@ -202,6 +225,8 @@ class Daemon:
                 ]
                 tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
                 tasks.append(asyncio.create_task(self.collector.run(), name="collect"))
+                if self.sync is not None:
+                    tasks.append(asyncio.create_task(self.sync.run(), name="sources"))
                 self.notifier.ready(self.summary())
             if self.ready:
                 await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -214,6 +239,8 @@ class Daemon:
             log.info("stopping")
             self.notifier.stopping()
             self.intake.stop()
+            if self.sync is not None:
+                self.sync.stop()
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -231,6 +258,8 @@ class Daemon:
             return
         self._closed = True
         self.intake.stop()
+        if self.sync is not None:
+            self.sync.stop()
         for r in self.reconcilers:
             await r.client.aclose()
 
@@ -278,7 +307,7 @@ class Daemon:
         sock.setblocking(False)
         self.status_port = sock.getsockname()[1]
         token = self.settings.status_token
-        app = create_app(self, token=token.get_secret_value() if token else None)
+        app = create_app(self, token=token.get_secret_value() if token else None, sources=self.sync)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
         server = _StatusServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="status")

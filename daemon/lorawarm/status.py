@@ -1,9 +1,9 @@
 """The read-only status API: what happened to every adapter on every server, and why.
 
 Routes: `GET /healthz` (the daemon's loop answers), `GET /readyz` (the first scan is done),
-`GET /v1/adapters`, `GET /v1/adapters/{name}`, `GET /v1/servers`, `GET /metrics`
-(Prometheus), and `GET /` (the status page, `status_page.py`). With a token configured every
-route but `/healthz` and the page (static, it holds no data) needs
+`GET /v1/adapters`, `GET /v1/adapters/{name}`, `GET /v1/servers`, `GET /v1/sources`,
+`GET /metrics` (Prometheus), and `GET /` (the status page, `status_page.py`). With a token
+configured every route but `/healthz` and the page (static, it holds no data) needs
 `Authorization: Bearer <token>`. Loopback by default. The response models below are the
 documented JSON (and the OpenAPI schema at `/openapi.json`).
 """
@@ -84,6 +84,10 @@ class AdapterView(BaseModel):
     changed_at: str
     validated_at: str | None
     servers: list[ServerView]
+    source: str | None = Field(
+        default=None,
+        description="The source URL the folder was synced from; null for a folder dropped by hand.",
+    )
 
 
 class AdapterList(BaseModel):
@@ -149,6 +153,47 @@ class Health(BaseModel):
         description="ok, or why filesystem events are not watched (e.g. the inotify watch "
         "limit); rescans still run on their timer.",
     )
+
+
+class SourceInfo(BaseModel):
+    url: str = Field(description="The source, as configured (no credentials).")
+    condition: str = Field(
+        description="ok, or why it is not in sync: unauthorized, not_found, unreachable, "
+        "timeout, throttled, server_error, changed, incomplete, checksum_mismatch, "
+        "removal_held, local_error, pending (not listed yet)."
+    )
+    message: str | None
+    since: str = Field(description="When the condition began (UTC).")
+    last_listing: str | None = Field(description="End of the last successful listing (UTC).")
+    last_error: str | None
+    listed: int = Field(description="Adapters the last listing found.")
+    synced: int = Field(description="Of those, published in the drop directory and current.")
+    waiting: int = Field(description="Folders in the source not taken (see skipped).")
+    skipped: dict[str, str] = Field(description="Name -> why it is not taken (first 100).")
+    conflicts: list[str] = Field(
+        description="Names also present as a folder lorawarm did not sync (the local one "
+        "wins) or in an earlier source."
+    )
+    held_removals: int = Field(
+        description="Removals held back by the mass-removal guard (0: none)."
+    )
+    listings: int
+    downloads: int
+    bytes: int
+    removals: int
+    failures: int
+
+
+class SourceList(BaseModel):
+    sources: list[SourceInfo]
+
+
+class SourcesSide(Protocol):
+    """What the status API reads of the source sync (a read-only view)."""
+
+    def source_of(self, name: str) -> str | None: ...
+
+    def statuses(self) -> Sequence[Any]: ...
 
 
 class ServerSide(Protocol):
@@ -221,7 +266,9 @@ def _outcomes(record: AdapterRecord, servers: Sequence[ServerSide]) -> list[Serv
     return [o for s in servers if (o := s.outcome(record)) is not None]
 
 
-def adapter_view(record: AdapterRecord, servers: Sequence[ServerSide]) -> AdapterView:
+def adapter_view(
+    record: AdapterRecord, servers: Sequence[ServerSide], source: str | None = None
+) -> AdapterView:
     snap = record.snapshot
     outcomes = _outcomes(record, servers)
     message = _text(record.message) if record.message else record.message
@@ -263,6 +310,7 @@ def adapter_view(record: AdapterRecord, servers: Sequence[ServerSide]) -> Adapte
         ]
         if outcomes
         else [],
+        source=source,
     )
 
 
@@ -295,8 +343,14 @@ def server_info(server: ServerSide, held: str | None) -> ServerInfo:
     )
 
 
-def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
-    """The status API over `source`."""
+def create_app(
+    source: StatusSource, *, token: str | None = None, sources: SourcesSide | None = None
+) -> FastAPI:
+    """The status API over `source`; `sources` is the source sync's view (None: no sources)."""
+
+    def origin(name: str) -> str | None:
+        return sources.source_of(name) if sources is not None else None
+
     app = FastAPI(
         title="lorawarm status",
         version=__version__,
@@ -363,7 +417,7 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
     @app.get("/v1/adapters", response_model=AdapterList, dependencies=auth)
     async def adapters() -> AdapterList:
         """Every adapter folder lorawarm knows of."""
-        views = [adapter_view(r, source.servers) for r in source.catalog.by_name()]
+        views = [adapter_view(r, source.servers, origin(r.name)) for r in source.catalog.by_name()]
         counts: dict[str, int] = {str(s): 0 for s in AdapterState}
         for view in views:
             counts[view.state] += 1
@@ -382,7 +436,36 @@ def create_app(source: StatusSource, *, token: str | None = None) -> FastAPI:
             record = next((r for r in source.catalog if _text(r.name) == name), None)
         if record is None:
             raise HTTPException(status_code=404, detail=f"no adapter named {name[:200]!r}")
-        return adapter_view(record, source.servers)
+        return adapter_view(record, source.servers, origin(record.name))
+
+    @app.get("/v1/sources", response_model=SourceList, dependencies=auth)
+    async def sources_route() -> SourceList:
+        """Every configured object-storage source and its condition."""
+        found = sources.statuses() if sources is not None else []
+        return SourceList(
+            sources=[
+                SourceInfo(
+                    url=s.url,
+                    condition=s.condition,
+                    message=s.message,
+                    since=_iso(s.since) or "",
+                    last_listing=_iso(s.last_listing),
+                    last_error=s.last_error,
+                    listed=s.listed,
+                    synced=s.synced,
+                    waiting=s.waiting,
+                    skipped=s.skipped,
+                    conflicts=s.conflicts,
+                    held_removals=s.held_removals,
+                    listings=s.listings,
+                    downloads=s.downloads,
+                    bytes=s.bytes,
+                    removals=s.removals,
+                    failures=s.failures,
+                )
+                for s in found
+            ]
+        )
 
     @app.get("/v1/servers", response_model=ServerList, dependencies=auth)
     async def servers() -> ServerList:

@@ -70,6 +70,7 @@ def register() -> None:
         and current.store.root == resolver.store.root
         and current.rules == resolver.rules
         and current.policy == resolver.policy
+        and repr(current.fetcher) == repr(resolver.fetcher)
     ):
         return
     registry.register_resolver(RESOLVER_NAME, resolver)
@@ -113,6 +114,19 @@ def build_resolver() -> LorawarmResolver | None:
             )
         )
     cache_dir, store = _check_dirs(settings.cache_dir, settings.state_dir)
+    fetcher = None
+    if settings.sources:
+        from lorawarm.sources.fetch import Fetcher
+        from lorawarm.sources.location import parse_source
+
+        fetcher = Fetcher(
+            [parse_source(s) for s in settings.sources],
+            cache_dir,
+            settings.state_dir,
+            max_bytes=settings.max_adapter_bytes,
+            timeout=settings.source_timeout,
+            concurrency=settings.source_concurrency,
+        )
     return LorawarmResolver(
         cache_dir,
         store,
@@ -120,6 +134,7 @@ def build_resolver() -> LorawarmResolver | None:
         policy=settings.policy(),
         facts=_endpoint_facts,
         logger=_log,
+        fetcher=fetcher,
     )
 
 

@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from lorawarm.fit import FitPolicy, judge
 from lorawarm.inspection import FileStat, Invalid, Rules, inspect_adapter
@@ -37,6 +37,14 @@ LoRARequest: TypeAlias = Any
 # How many (name, reason) pairs are remembered for "log once": names come from requests, so the
 # memory is bounded.
 MAX_REMEMBERED = 1024
+
+
+class SourceFetch(Protocol):
+    """The on-demand fetch from object storage (`lorawarm.sources.fetch.Fetcher`): publish a
+    name some source has into the drop directory; False when none has it. Raises an error with
+    `condition` and `message` (`SourceError`) when it cannot."""
+
+    def fetch(self, name: str) -> bool: ...
 
 
 class LorawarmResolver:
@@ -58,8 +66,10 @@ class LorawarmResolver:
         policy: FitPolicy | None = None,
         facts: Callable[[], ServerFacts | None] | None = None,
         logger: logging.Logger | None = None,
+        fetcher: SourceFetch | None = None,
     ) -> None:
         self.cache_dir = Path(os.path.abspath(cache_dir))
+        self.fetcher = fetcher
         self.store = store
         self.rules = rules
         self.policy = policy or FitPolicy()
@@ -96,7 +106,7 @@ class LorawarmResolver:
         if folder is None:
             self._report_bad_name(lora_name)
             return None
-        if not os.path.lexists(folder):
+        if not os.path.lexists(folder) and not self._fetch(lora_name):
             # Not ours: another resolver may know it, and vLLM answers 404 otherwise.
             self.log.debug("lorawarm: no adapter folder for %s", _shown(lora_name))
             return None
@@ -147,6 +157,17 @@ class LorawarmResolver:
         if learned is not None:
             return learned
         return ServerFacts(model=base_model_name, model_aliases=model_aliases(base_model_name))
+
+    def _fetch(self, lora_name: str) -> bool:
+        """Not found locally -> try the sources: True when a source published the folder."""
+        if self.fetcher is None:
+            return False
+        try:
+            return self.fetcher.fetch(lora_name)
+        except Exception as err:  # noqa: BLE001 - a failed fetch is "not found", logged once
+            condition = str(getattr(err, "condition", type(err).__name__))
+            self._report(lora_name, f"source_{condition}", str(getattr(err, "message", err)))
+            return False
 
     def _report_bad_name(self, lora_name: str) -> None:
         try:

@@ -17,6 +17,7 @@ UNREACHABLE = "http://127.0.0.1:9"
 SINGULAR_FLAGS = {
     "--vllm-url": "vllm_urls",
     "--pin": "pinned",
+    "--source": "sources",
     "--base-model-alias": "base_model_aliases",
 }
 

@@ -288,7 +288,9 @@ async def test_adapter_json_shape(client: Client) -> None:
         "changed_at",
         "validated_at",
         "servers",
+        "source",
     }
+    assert broken["source"] is None  # no sources configured: dropped by hand
     assert broken["digest"] == DIGEST
     assert broken["source_path"] == "/srv/adapters/broken"
     assert broken["snapshot_path"] == f"/var/lib/lorawarm/snapshots/broken/{DIGEST}"
