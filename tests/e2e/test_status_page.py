@@ -49,19 +49,36 @@ def drop(tmp_path: Path, adapters: AdapterFactory, names: dict[str, str]) -> Pat
     return drop
 
 
+# Read in one script call: the page replaces its tables on every refresh, and elements found
+# one call earlier may be gone (stale) by the next.
+ROWS = """
+const table = [...document.querySelectorAll("table[data-state]")]
+  .find((t) => t.dataset.state === arguments[0]);
+if (!table) return {};
+const heads = [...table.querySelectorAll(":scope > thead th")].map((th) => th.innerText);
+const found = {};
+for (const tr of table.querySelectorAll(":scope > tbody > tr")) {
+  const cells = [...tr.querySelectorAll(":scope > td")].map((td) => td.innerText);
+  const row = {};
+  heads.forEach((h, i) => { row[h] = cells[i]; });
+  found[row.name] = row;
+}
+return found;
+"""
+
+
 def rows(driver: WebDriver, state: str) -> dict[str, dict[str, str]]:
     """The page's adapter table for `state`: name -> {column: text}."""
-    tables = driver.find_elements(By.CSS_SELECTOR, f'table[data-state="{state}"]')
-    if not tables:
-        return {}
-    table = tables[0]
-    heads = [th.text for th in table.find_elements(By.CSS_SELECTOR, ":scope > thead th")]
-    found = {}
-    for tr in table.find_elements(By.CSS_SELECTOR, ":scope > tbody > tr"):
-        cells = tr.find_elements(By.CSS_SELECTOR, ":scope > td")
-        row = dict(zip(heads, (c.text for c in cells), strict=True))
-        found[row["name"]] = row
+    found: dict[str, dict[str, str]] = driver.execute_script(ROWS, state)
     return found
+
+
+def text_of(driver: WebDriver, element_id: str) -> str:
+    text: str = driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText : '';",
+        element_id,
+    )
+    return text
 
 
 def wait_rows(driver: WebDriver, state: str, name: str) -> dict[str, str]:
@@ -95,7 +112,7 @@ def test_page_shows_adapters_reasons_and_servers(
         assert hostile["reason"] == "invalid_name"
         assert driver.title == "lorawarm status"
         assert driver.find_elements(By.CSS_SELECTOR, "#content img") == []
-        servers = driver.find_element(By.ID, "view-servers").text
+        servers = text_of(driver, "view-servers")
         assert vllm.url in servers
         assert "ok" in servers
     assert (tmp_path / "status-page.png").stat().st_size > 10_000
