@@ -205,9 +205,11 @@ def measure_lorawarm(
 ) -> dict[str, Any]:
     state = ctx.work / "state"
     log_path = ctx.work / "lorawarm.log"
-    daemon = lorawarm(drop, state, [ctx.url], log_path=log_path)
-    counter = LogCounter(log_path)
     n = len(names)
+    # No warm limit means every adapter here, whatever the server's memory: where lorawarm's
+    # resolver runs, the default warm set would be its max_cpu_loras.
+    daemon = lorawarm(drop, state, [ctx.url], log_path=log_path, WARM_LIMIT=str(n))
+    counter = LogCounter(log_path)
     print(f"lorawarm: cold start on {n} folders ...", flush=True)
     with httpx.Client(timeout=120) as client:
         wall0 = time.time()

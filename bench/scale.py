@@ -295,7 +295,11 @@ def measure_burst(
     staging.mkdir(parents=True)
     names = [f"burst-{i:04d}" for i in range(args.burst)]
     populate(source, staging, names, age=None)
-    daemon = lorawarm(drop, state, [ctx.url], log_path=base / "lorawarm.log")
+    # Every adapter, whatever the server's memory: where lorawarm's resolver runs, the default
+    # warm set would be its max_cpu_loras.
+    daemon = lorawarm(
+        drop, state, [ctx.url], log_path=base / "lorawarm.log", WARM_LIMIT=str(len(names))
+    )
     loads_before = ctx.server.count_lora_loads()
     health: list[float] = []
     try:
