@@ -195,9 +195,11 @@ def test_each_adapter_lands_where_it_fits(fleet: Fleet, tiny_model: Path, tmp_pa
         # And vLLM agrees. (That lm_head on the Llama loads while Mistral refuses it is the
         # differential test's: a first request through an lm_head LoRA on vLLM's CPU build took
         # over a minute under CI load, so it is not requested here.)
-        assert completion(a, "llama-a", "Hello world").status_code == 200
-        assert completion(b, "mistral-r8", "Hello world").status_code == 200
-        assert completion(b, "mistral-lm-head", "Hello world").status_code == 404
+        # The first completion on each fresh server warms its LoRA kernels: over 60 s under CI
+        # load on this CPU, so these get more time than the harness's default.
+        assert completion(a, "llama-a", "Hello world", timeout=300).status_code == 200
+        assert completion(b, "mistral-r8", "Hello world", timeout=300).status_code == 200
+        assert completion(b, "mistral-lm-head", "Hello world", timeout=300).status_code == 404
         for server in (fleet.a, fleet.b):
             assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
